@@ -1,0 +1,1 @@
+//! fmq-bench

@@ -1,0 +1,32 @@
+//! Store errors.
+
+/// Errors raised by a [`Store`](crate::Store).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O or engine error while reading or writing. The operation did not
+    /// take effect; the store is still usable.
+    #[error("store I/O error: {0}")]
+    Io(String),
+    /// A write could not be made durable (for example `fsync` failed). After
+    /// a failed sync the kernel may have dropped dirty pages, so the store can
+    /// no longer be trusted: every later write fails with this error and the
+    /// server must stop and recover from what is on disk.
+    #[error("storage can no longer be trusted: {0}")]
+    Poisoned(String),
+    /// Stored bytes that do not decode: a torn or foreign record.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The store has been closed.
+    #[error("store is closed")]
+    Closed,
+    /// The store directory is in use by another process.
+    #[error("store directory {path} is locked by another process")]
+    Locked {
+        /// The directory that is locked.
+        path: String,
+    },
+}
+
+/// Result with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,124 @@
+//! FerroMQ's storage abstraction.
+//!
+//! The broker keeps every durable object (messages, queue entries, durable
+//! subscriptions, principals, ACLs, destinations, metadata) in a [`Store`].
+//! All changes go through [`Store::commit`] as one atomic [`Batch`], which gets
+//! the next sequence number: that ordered stream of batches is also what
+//! replication ships to a passive server.
+//!
+//! This crate has no storage-engine dependency. `fmq-store-rocks` implements
+//! the trait on RocksDB; [`memory::MemoryStore`] implements it in memory so
+//! broker and HA tests run in milliseconds.
+
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod error;
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+pub use batch::{Batch, Cf, Op};
+pub use error::{Error, Result};
+pub use memory::MemoryStore;
+
+/// Key in [`Cf::Meta`] under which every store keeps the sequence number of
+/// the last applied batch (8 bytes, big-endian).
+pub const META_SEQUENCE: &[u8] = b"sequence";
+
+/// A key-value store with atomic, ordered, group-committed batches.
+///
+/// Implementations must:
+/// - apply batches in the order `commit` was called, each atomically;
+/// - give each applied batch the next sequence number and persist it in
+///   [`Cf::Meta`] under [`META_SEQUENCE`] within the same atomic write;
+/// - resolve the returned [`Commit`] only after the batch (and everything
+///   before it) is durable when [`Batch::sync`] is set;
+/// - share one sync among batches that arrive while a sync is in progress
+///   (group commit), so throughput is not bounded by one fsync per batch.
+pub trait Store: Send + Sync + 'static {
+    /// Queues `batch` for atomic application. The returned future resolves to
+    /// the batch's sequence number once it is applied (and synced if asked).
+    fn commit(&self, batch: Batch) -> Commit;
+
+    /// Reads one key.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Calls `f` for every key of `cf` that starts with `prefix`, in key
+    /// order. Used for recovery and admin listings, not on hot paths.
+    fn scan_prefix(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()>;
+
+    /// Sequence number of the last applied batch (0 for an empty store).
+    fn last_sequence(&self) -> u64;
+
+    /// Makes everything applied so far durable.
+    fn sync(&self) -> Result<()>;
+}
+
+/// The pending result of [`Store::commit`].
+#[derive(Debug)]
+pub struct Commit(CommitInner);
+
+#[derive(Debug)]
+enum CommitInner {
+    Ready(Option<Result<u64>>),
+    Pending(tokio::sync::oneshot::Receiver<Result<u64>>),
+}
+
+impl Commit {
+    /// A commit that has already completed.
+    pub fn ready(result: Result<u64>) -> Self {
+        Commit(CommitInner::Ready(Some(result)))
+    }
+
+    /// A commit completed by the sender paired with the returned receiver.
+    pub fn pending() -> (CommitSender, Self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (CommitSender(tx), Commit(CommitInner::Pending(rx)))
+    }
+}
+
+impl Future for Commit {
+    type Output = Result<u64>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            CommitInner::Ready(result) => Poll::Ready(result.take().unwrap_or(Err(Error::Closed))),
+            CommitInner::Pending(rx) => {
+                Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(Error::Closed)))
+            }
+        }
+    }
+}
+
+/// Completes a [`Commit`] made by [`Commit::pending`].
+#[derive(Debug)]
+pub struct CommitSender(tokio::sync::oneshot::Sender<Result<u64>>);
+
+impl CommitSender {
+    /// Resolves the paired commit. A dropped receiver is not an error: the
+    /// batch is applied whether or not anyone waits for it.
+    pub fn send(self, result: Result<u64>) {
+        let _ = self.0.send(result);
+    }
+}
+
+/// Encodes a sequence number the way stores keep it under [`META_SEQUENCE`].
+pub fn encode_sequence(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+/// Decodes a value kept under [`META_SEQUENCE`].
+pub fn decode_sequence(bytes: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| Error::Corrupt(format!("sequence of {} bytes, expected 8", bytes.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}

@@ -1,0 +1,1 @@
+//! Shared helpers for FerroMQ's multi-process tests.
