@@ -262,8 +262,11 @@ mod tests {
         let cf = (0u8..8).prop_map(|t| Cf::from_tag(t).expect("tag in range"));
         let bytes = proptest::collection::vec(any::<u8>(), 0..64);
         prop_oneof![
-            (cf.clone(), bytes.clone(), bytes.clone())
-                .prop_map(|(cf, key, value)| Op::Put { cf, key, value }),
+            (cf.clone(), bytes.clone(), bytes.clone()).prop_map(|(cf, key, value)| Op::Put {
+                cf,
+                key,
+                value
+            }),
             (cf, bytes).prop_map(|(cf, key)| Op::Delete { cf, key }),
         ]
     }

@@ -38,7 +38,7 @@ pub const META_SEQUENCE: &[u8] = b"sequence";
 ///   before it) is durable when [`Batch::sync`] is set;
 /// - share one sync among batches that arrive while a sync is in progress
 ///   (group commit), so throughput is not bounded by one fsync per batch.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Queues `batch` for atomic application. The returned future resolves to
     /// the batch's sequence number once it is applied (and synced if asked).
     fn commit(&self, batch: Batch) -> Commit;
@@ -91,9 +91,9 @@ impl Future for Commit {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().0 {
             CommitInner::Ready(result) => Poll::Ready(result.take().unwrap_or(Err(Error::Closed))),
-            CommitInner::Pending(rx) => {
-                Pin::new(rx).poll(cx).map(|r| r.unwrap_or(Err(Error::Closed)))
-            }
+            CommitInner::Pending(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(Error::Closed))),
         }
     }
 }

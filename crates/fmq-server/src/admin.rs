@@ -1,0 +1,268 @@
+//! The admin port (the seed's RMI port): one JSON request per line, one JSON
+//! response per line. Status is open to anyone who can reach the port (it
+//! binds loopback by default); every command that changes something needs
+//! the credentials of a user with the admin permission on `>`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fmq_broker::Broker;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// A request on the admin port.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct Request {
+    /// status, shutdown, user_add, user_passwd, user_remove, user_list,
+    /// acl_grant, acl_revoke, acl_list
+    pub cmd: String,
+    /// Admin user for commands that change something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Its password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Command arguments.
+    #[serde(default)]
+    pub args: Value,
+}
+
+/// Facts the status command reports beside the broker's figures.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// Server name.
+    pub name: String,
+    /// Client port address.
+    pub client_addr: String,
+    /// Store directory.
+    pub db_path: String,
+    /// Start time.
+    pub started: Instant,
+}
+
+/// Serves the admin port until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    info: ServerInfo,
+    shutdown: watch::Sender<bool>,
+) {
+    let mut stop = shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let broker = broker.clone();
+        let info = info.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, &broker, &info, &shutdown).await {
+                tracing::debug!(error = %e, "admin connection failed");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    broker: &Broker,
+    info: &ServerInfo,
+    shutdown: &watch::Sender<bool>,
+) -> Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(rd).take(MAX_REQUEST).read_line(&mut line),
+    )
+    .await
+    .map_err(|_| anyhow!("admin request timed out"))??;
+    if read == 0 {
+        return Ok(());
+    }
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => match handle(req, broker, info, shutdown).await {
+            Ok(data) => json!({ "ok": true, "data": data }),
+            Err(e) => json!({ "ok": false, "error": e.to_string() }),
+        },
+        Err(e) => json!({ "ok": false, "error": format!("bad admin request: {e}") }),
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    wr.write_all(&out).await?;
+    wr.shutdown().await?;
+    Ok(())
+}
+
+fn arg<'a>(req: &'a Request, name: &str) -> Result<&'a str> {
+    req.args
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("{} needs argument '{name}'", req.cmd))
+}
+
+async fn handle(
+    req: Request,
+    broker: &Broker,
+    info: &ServerInfo,
+    shutdown: &watch::Sender<bool>,
+) -> Result<Value> {
+    if req.cmd == "status" {
+        return status(broker, info).await;
+    }
+    let security = broker.security().clone();
+    if security.enabled() {
+        let user = req.user.clone();
+        let password = req.password.clone();
+        let sec = security.clone();
+        let principal = tokio::task::spawn_blocking(move || {
+            sec.authenticate(user.as_deref(), password.as_deref())
+        })
+        .await?
+        .map_err(|e| anyhow!("{e}"))?;
+        if !security.is_admin(&principal) {
+            bail!("user '{principal}' does not have the admin permission on '>'");
+        }
+    }
+    match req.cmd.as_str() {
+        "shutdown" => {
+            tracing::info!("shutdown requested through the admin port");
+            let _ = shutdown.send(true);
+            Ok(json!("shutting down"))
+        }
+        "user_add" => {
+            security.add_user(arg(&req, "name")?, arg(&req, "password")?).await?;
+            Ok(json!(format!("user '{}' added", arg(&req, "name")?)))
+        }
+        "user_passwd" => {
+            security.set_password(arg(&req, "name")?, arg(&req, "password")?).await?;
+            Ok(json!(format!("password of '{}' changed", arg(&req, "name")?)))
+        }
+        "user_remove" => {
+            security.remove_user(arg(&req, "name")?).await?;
+            Ok(json!(format!("user '{}' removed", arg(&req, "name")?)))
+        }
+        "user_list" => Ok(json!(security.users())),
+        "acl_grant" | "acl_revoke" => {
+            let (principal, pattern, perms) = (arg(&req, "principal")?, arg(&req, "pattern")?, arg(&req, "permissions")?);
+            if req.cmd == "acl_grant" {
+                security.grant(principal, pattern, perms).await?;
+            } else {
+                security.revoke(principal, pattern, perms).await?;
+            }
+            Ok(json!(format!("{} {perms} on {pattern} for {principal}", if req.cmd == "acl_grant" { "granted" } else { "revoked" })))
+        }
+        "acl_list" => Ok(json!(security
+            .acls()
+            .into_iter()
+            .map(|a| json!({ "principal": a.principal, "pattern": a.pattern, "permissions": a.permissions }))
+            .collect::<Vec<_>>())),
+        other => bail!("unknown admin command '{other}'"),
+    }
+}
+
+async fn status(broker: &Broker, info: &ServerInfo) -> Result<Value> {
+    let stats = broker.stats().await?;
+    Ok(json!({
+        "name": info.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "state": "RUNNING",
+        "uptime_s": info.started.elapsed().as_secs(),
+        "client_addr": info.client_addr,
+        "db_path": info.db_path,
+        "store_sequence": stats.store_sequence,
+        "sessions": stats.sessions,
+        "messages_in": stats.messages_in,
+        "messages_out": stats.messages_out,
+        "dead_lettered": stats.dead_lettered,
+        "expired": stats.expired,
+        "queues": stats.queues.iter().map(|q| json!({
+            "name": q.name, "pending": q.pending, "inflight": q.inflight,
+            "consumers": q.consumers, "enqueued": q.enqueued, "dequeued": q.dequeued,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// Sends one request to a server's admin port and returns its `data`.
+pub async fn call(host: &str, port: u16, req: &Request) -> Result<Value> {
+    let mut stream = TcpStream::connect((host, port)).await.with_context(|| {
+        format!("no FerroMQ server answers on admin port {host}:{port} (is it running?)")
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line).await?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        BufReader::new(stream).read_line(&mut response),
+    )
+    .await
+    .map_err(|_| anyhow!("admin port {host}:{port} did not answer within 30 s"))??;
+    let value: Value = serde_json::from_str(&response).with_context(|| {
+        format!("admin port {host}:{port} sent something that is not a FerroMQ answer")
+    })?;
+    if value.get("ok").and_then(Value::as_bool) == Some(true) {
+        Ok(value.get("data").cloned().unwrap_or(Value::Null))
+    } else {
+        bail!(
+            "{}",
+            value
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("the server refused the request")
+        )
+    }
+}
+
+/// Human-readable `fmq status`.
+pub fn format_status(v: &Value) -> String {
+    let s = |k: &str| {
+        v.get(k)
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let mut out = format!(
+        "Server:       {} {} (pid {})\nState:        {} (up {} s)\nClient port:  {}\nStore:        {} (sequence {})\nSessions:     {}\nMessages:     in {}, out {}, dead-lettered {}, expired {}\n",
+        s("name"), s("version"), s("pid"), s("state"), s("uptime_s"), s("client_addr"),
+        s("db_path"), s("store_sequence"), s("sessions"), s("messages_in"), s("messages_out"),
+        s("dead_lettered"), s("expired"),
+    );
+    if let Some(queues) = v.get("queues").and_then(Value::as_array) {
+        if !queues.is_empty() {
+            out.push_str(&format!(
+                "{:<40} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
+                "QUEUE", "PENDING", "INFLIGHT", "CONSUMERS", "ENQUEUED", "DEQUEUED"
+            ));
+            for q in queues {
+                let n = |k: &str| q.get(k).and_then(Value::as_u64).unwrap_or(0);
+                out.push_str(&format!(
+                    "{:<40} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
+                    q.get("name").and_then(Value::as_str).unwrap_or("?"),
+                    n("pending"),
+                    n("inflight"),
+                    n("consumers"),
+                    n("enqueued"),
+                    n("dequeued")
+                ));
+            }
+        }
+    }
+    out
+}

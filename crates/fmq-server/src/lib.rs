@@ -1,1 +1,0 @@
-//! fmq-server

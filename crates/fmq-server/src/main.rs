@@ -1,0 +1,316 @@
+//! `fmq`: runs a FerroMQ server on a profile, and administers running ones.
+//!
+//! ```text
+//! fmq -profile FerroMQ [-dbPath DIR]       run a server (foreground)
+//! fmq status   --admin-port 1858           show a running server's state
+//! fmq shutdown --admin-port 1858           stop it gracefully
+//! fmq user add|passwd|remove|list ...      manage users on a running server
+//! fmq acl grant|revoke|list ...            manage ACLs on a running server
+//! ```
+
+mod admin;
+mod profile;
+mod run;
+
+use std::io::BufRead;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::admin::Request;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fmq",
+    version,
+    about = "FerroMQ: a highly available STOMP message broker"
+)]
+struct Cli {
+    /// Profile to run: a name under profiles/ (e.g. FerroMQ) or a directory
+    /// holding fmq.toml. `-profile` is accepted too.
+    #[arg(long, global = false)]
+    profile: Option<String>,
+    /// Store directory, overriding the profile's store.db_path (`-dbPath`).
+    #[arg(long = "db-path")]
+    db_path: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs a server in the foreground (the default with --profile).
+    Run,
+    /// Shows a running server's state.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print the raw JSON answer.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stops a running server gracefully.
+    Shutdown {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        auth: Auth,
+    },
+    /// Manages users on a running server.
+    User {
+        #[command(subcommand)]
+        action: UserCmd,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        auth: Auth,
+    },
+    /// Manages access-control lists on a running server.
+    Acl {
+        #[command(subcommand)]
+        action: AclCmd,
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        auth: Auth,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Target {
+    /// The server's admin port (the seed's RMI port).
+    #[arg(long, default_value_t = 1858)]
+    admin_port: u16,
+    /// The server's admin address.
+    #[arg(long, default_value = "127.0.0.1")]
+    admin_host: String,
+}
+
+#[derive(Debug, Args)]
+struct Auth {
+    /// Admin user name.
+    #[arg(long, env = "FMQ_ADMIN_USER", default_value = "admin")]
+    admin_user: String,
+    /// Admin password (the shipped profiles start with 'passwd').
+    #[arg(
+        long,
+        env = "FMQ_ADMIN_PASSWORD",
+        default_value = "passwd",
+        hide_default_value = true
+    )]
+    admin_password: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCmd {
+    /// Adds a user (password from --password or one line on stdin).
+    Add {
+        name: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Changes a user's password.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Removes a user and its ACL entries.
+    Remove { name: String },
+    /// Lists users.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum AclCmd {
+    /// Grants permissions (letters of rwa) on a destination pattern.
+    Grant {
+        principal: String,
+        pattern: String,
+        permissions: String,
+    },
+    /// Revokes permissions.
+    Revoke {
+        principal: String,
+        pattern: String,
+        permissions: String,
+    },
+    /// Lists ACL entries.
+    List,
+}
+
+/// clap has no single-dash long options; accept the seed's spellings.
+fn rewrite_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    args.map(|a| match a.as_str() {
+        "-profile" => "--profile".into(),
+        "-dbPath" => "--db-path".into(),
+        _ => a,
+    })
+    .collect()
+}
+
+fn password(given: Option<String>) -> Result<String> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    eprintln!("password (one line on stdin):");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let p = line.trim_end_matches(['\r', '\n']).to_owned();
+    if p.is_empty() {
+        bail!("no password given");
+    }
+    Ok(p)
+}
+
+fn main() {
+    let cli = Cli::parse_from(rewrite_args(std::env::args()));
+    let code = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => match rt.block_on(dispatch(cli)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("fmq: {e:#}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("fmq: cannot start the runtime: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let authed = |cmd: &str, auth: &Auth, args: serde_json::Value| Request {
+        cmd: cmd.into(),
+        user: Some(auth.admin_user.clone()),
+        password: Some(auth.admin_password.clone()),
+        args,
+    };
+    match cli.command {
+        None | Some(Cmd::Run) => {
+            let Some(profile) = cli.profile else {
+                bail!("no profile given: run `fmq -profile FerroMQ` (see `fmq --help`)");
+            };
+            run::run(&profile, cli.db_path).await
+        }
+        Some(Cmd::Status { target, json }) => {
+            let req = Request {
+                cmd: "status".into(),
+                ..Request::default()
+            };
+            let v = admin::call(&target.admin_host, target.admin_port, &req).await?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", admin::format_status(&v));
+            }
+            Ok(())
+        }
+        Some(Cmd::Shutdown { target, auth }) => {
+            let v = admin::call(
+                &target.admin_host,
+                target.admin_port,
+                &authed("shutdown", &auth, json!({})),
+            )
+            .await?;
+            println!("{}", v.as_str().unwrap_or("ok"));
+            Ok(())
+        }
+        Some(Cmd::User {
+            action,
+            target,
+            auth,
+        }) => {
+            let req = match action {
+                UserCmd::Add { name, password: p } => authed(
+                    "user_add",
+                    &auth,
+                    json!({ "name": name, "password": password(p)? }),
+                ),
+                UserCmd::Passwd { name, password: p } => authed(
+                    "user_passwd",
+                    &auth,
+                    json!({ "name": name, "password": password(p)? }),
+                ),
+                UserCmd::Remove { name } => authed("user_remove", &auth, json!({ "name": name })),
+                UserCmd::List => authed("user_list", &auth, json!({})),
+            };
+            print_answer(admin::call(&target.admin_host, target.admin_port, &req).await?);
+            Ok(())
+        }
+        Some(Cmd::Acl {
+            action,
+            target,
+            auth,
+        }) => {
+            let req = match action {
+                AclCmd::Grant {
+                    principal,
+                    pattern,
+                    permissions,
+                } => authed(
+                    "acl_grant",
+                    &auth,
+                    json!({ "principal": principal, "pattern": pattern, "permissions": permissions }),
+                ),
+                AclCmd::Revoke {
+                    principal,
+                    pattern,
+                    permissions,
+                } => authed(
+                    "acl_revoke",
+                    &auth,
+                    json!({ "principal": principal, "pattern": pattern, "permissions": permissions }),
+                ),
+                AclCmd::List => authed("acl_list", &auth, json!({})),
+            };
+            print_answer(admin::call(&target.admin_host, target.admin_port, &req).await?);
+            Ok(())
+        }
+    }
+}
+
+fn print_answer(v: serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => println!("{s}"),
+        serde_json::Value::Array(items) => {
+            for item in items {
+                match item {
+                    serde_json::Value::String(s) => println!("{s}"),
+                    serde_json::Value::Object(o) => println!(
+                        "{:<20} {:<40} {}",
+                        o.get("principal").and_then(|v| v.as_str()).unwrap_or(""),
+                        o.get("pattern").and_then(|v| v.as_str()).unwrap_or(""),
+                        o.get("permissions").and_then(|v| v.as_str()).unwrap_or("")
+                    ),
+                    other => println!("{other}"),
+                }
+            }
+        }
+        other => println!("{other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_style_flags_are_accepted() {
+        let args = rewrite_args(
+            ["fmq", "-profile", "FerroMQ", "-dbPath", "/tmp/x"]
+                .map(String::from)
+                .into_iter(),
+        );
+        let cli = Cli::parse_from(args);
+        assert_eq!(cli.profile.as_deref(), Some("FerroMQ"));
+        assert_eq!(cli.db_path, Some(PathBuf::from("/tmp/x")));
+    }
+}

@@ -1,0 +1,150 @@
+//! Running a server on a profile.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use fmq_broker::Broker;
+use fmq_store::Store;
+use fmq_store_rocks::{RocksOptions, RocksStore};
+use tokio::net::TcpListener;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::admin::{self, ServerInfo};
+use crate::profile::{self, Profile};
+
+fn init_logging(profile: &Profile) -> Result<Option<tracing_appender::non_blocking::WorkerGuard>> {
+    let level = profile.file.log.level.clone();
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&level));
+    let console = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_filter(filter());
+    if !profile.file.log.file {
+        tracing_subscriber::registry().with(console).try_init().ok();
+        return Ok(None);
+    }
+    let dir = profile.resolve(&profile.file.log.dir);
+    std::fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "cannot create log directory {} (key log.dir)",
+            dir.display()
+        )
+    })?;
+    let appender = tracing_appender::rolling::Builder::new()
+        .rotation(tracing_appender::rolling::Rotation::DAILY)
+        .filename_prefix("fmq")
+        .filename_suffix("log")
+        .max_log_files(14)
+        .build(&dir)
+        .with_context(|| format!("cannot open log files in {}", dir.display()))?;
+    let (writer, guard) = tracing_appender::non_blocking(appender);
+    let file = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(writer)
+        .with_filter(filter());
+    tracing_subscriber::registry()
+        .with(console)
+        .with(file)
+        .try_init()
+        .ok();
+    Ok(Some(guard))
+}
+
+async fn bind(addr: SocketAddr, what: &str, key: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow!("{what} {addr} is already in use (another server running? change {key} in the profile)")
+        } else {
+            anyhow!("cannot listen on {what} {addr}: {e} (key {key})")
+        }
+    })
+}
+
+/// Runs a server until SIGTERM, SIGINT or an admin shutdown.
+pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()> {
+    let dir = profile::locate(profile_name)?;
+    let profile = Profile::load(&dir)?;
+    let _guard = init_logging(&profile)?;
+    let net = &profile.file.network;
+    let client_addr: SocketAddr = format!("{}:{}", net.bind_address, net.port)
+        .parse()
+        .map_err(|e| anyhow!("network.bind_address: {e}"))?;
+    let admin_addr: SocketAddr = format!("{}:{}", net.admin_bind_address, net.admin_port)
+        .parse()
+        .map_err(|e| anyhow!("network.admin_bind_address: {e}"))?;
+    // Bind first: a port in use should fail fast, before the store opens.
+    let client = bind(client_addr, "client port", "network.port").await?;
+    let admin_listener = bind(admin_addr, "admin port", "network.admin_port").await?;
+
+    let db_path = db_override.unwrap_or_else(|| profile.resolve(&profile.file.store.db_path));
+    std::fs::create_dir_all(&db_path)
+        .with_context(|| format!("cannot create store directory {}", db_path.display()))?;
+    let options = RocksOptions {
+        sync: profile.file.store.sync,
+        ..RocksOptions::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(
+        RocksStore::open(&db_path, options)
+            .map_err(|e| anyhow!("cannot open store {}: {e}", db_path.display()))?,
+    );
+    let broker = Arc::new(Broker::start(store.clone(), profile.broker_config())?);
+    let sec = &profile.file.security;
+    if sec.authentication
+        && broker
+            .security()
+            .bootstrap(&sec.initial_admin_user, &sec.initial_admin_password)
+            .await?
+    {
+        tracing::warn!(
+            user = %sec.initial_admin_user,
+            "created the initial admin user from the profile; change its password with `fmq user passwd {}`",
+            sec.initial_admin_user
+        );
+    }
+    let shutdown = broker.shutdown_handle();
+    let info = ServerInfo {
+        name: profile.file.server.name.clone(),
+        client_addr: client_addr.to_string(),
+        db_path: db_path.display().to_string(),
+        started: Instant::now(),
+    };
+    tokio::spawn(admin::serve(
+        admin_listener,
+        broker.clone(),
+        info,
+        shutdown.clone(),
+    ));
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot watch SIGTERM");
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+            }
+            let _ = shutdown.send(true);
+        });
+    }
+    tracing::info!(
+        "FerroMQ server '{}' started on profile {}: STOMP on {client_addr}, admin on {admin_addr}, store {} (sequence {})",
+        profile.file.server.name,
+        dir.display(),
+        db_path.display(),
+        store.last_sequence()
+    );
+    broker.serve(client).await?;
+    broker.shutdown().await?;
+    tracing::info!("FerroMQ server stopped");
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Crash recovery: a child process commits synced batches and reports each
+//! sequence only after its commit resolved; it is killed with SIGKILL
+//! mid-stream. Every reported batch must be there after reopening.
+//!
+//! The child is this test binary itself, re-executed with a filter that runs
+//! only [`crash_child`] and an environment variable that tells it where the
+//! store is. Without the variable `crash_child` does nothing.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fmq_store::{Batch, Cf, Store};
+use fmq_store_rocks::{RocksOptions, RocksStore};
+
+const DIR_VAR: &str = "FMQ_CRASH_CHILD_DIR";
+const KILL_AFTER: usize = 300;
+const WRITERS: u64 = 4;
+
+fn key(writer: u64, n: u64) -> String {
+    format!("w{writer}/{n:08}")
+}
+
+/// The child's work: a few tasks commit synced batches concurrently (so
+/// groups form and the crash can land in the middle of one), printing
+/// `committed SEQ KEY` once each commit has resolved.
+#[test]
+fn crash_child() {
+    let Some(dir) = std::env::var_os(DIR_VAR) else {
+        return;
+    };
+    let store =
+        Arc::new(RocksStore::open(Path::new(&dir), RocksOptions::default()).expect("child open"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    // A deadline, in case the parent died without killing us.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    for n in 0.. {
+                        if Instant::now() > deadline {
+                            return;
+                        }
+                        let key = key(writer, n);
+                        let mut batch = Batch::new();
+                        batch.put(Cf::Messages, key.as_bytes(), vec![b'x'; 512]);
+                        batch.put(Cf::QueueEntries, format!("q/{key}"), key.as_bytes());
+                        batch.set_sync(true);
+                        let sequence = store.commit(batch).await.expect("child commit");
+                        println!("committed {sequence} {key}");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+    });
+}
+
+#[test]
+fn committed_batches_survive_sigkill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("current exe");
+    let mut child = Command::new(exe)
+        .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(DIR_VAR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+
+    // Read on a thread so a silent child cannot hang the test.
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // libtest may print "test crash_child ... " on the same line
+            // as the child's first report.
+            if let Some(rest) = line.find("committed ").map(|at| &line[at + 10..]) {
+                let mut parts = rest.split(' ');
+                let sequence: u64 = parts.next().and_then(|s| s.parse().ok()).expect("seq");
+                let key = parts.next().expect("key").to_owned();
+                if tx.send((sequence, key)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+
+    let mut reported = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(120);
+    while reported.len() < KILL_AFTER {
+        let left = give_up.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(entry) => reported.push(entry),
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "child stopped reporting after {} commits: {err}",
+                    reported.len()
+                );
+            }
+        }
+    }
+    child.kill().expect("SIGKILL child");
+    let status = child.wait().expect("wait child");
+    assert!(!status.success(), "child must die by the signal: {status}");
+    // Commits the child printed between our last read and the kill count
+    // too: they were reported as resolved.
+    reader.join().expect("reader thread");
+    reported.extend(rx.try_iter());
+
+    let store = RocksStore::open(dir.path(), RocksOptions::default()).expect("reopen");
+    let last_reported = reported.iter().map(|(s, _)| *s).max().expect("reports");
+    println!(
+        "child killed after {} reported commits (last sequence {last_reported}); \
+         recovered sequence {}",
+        reported.len(),
+        store.last_sequence()
+    );
+    assert!(store.last_sequence() >= last_reported);
+    for (sequence, key) in &reported {
+        assert!(
+            store
+                .get(Cf::Messages, key.as_bytes())
+                .expect("get")
+                .is_some(),
+            "batch {sequence} ({key}) was reported committed but is lost"
+        );
+        assert_eq!(
+            store
+                .get(Cf::QueueEntries, format!("q/{key}").as_bytes())
+                .expect("get")
+                .as_deref(),
+            Some(key.as_bytes()),
+            "batch {sequence} was torn"
+        );
+    }
+    // Recovered batches are whole: every queue entry has its message.
+    let mut entries = 0;
+    store
+        .scan_prefix(Cf::QueueEntries, b"q/", &mut |k, v| {
+            entries += 1;
+            assert_eq!(&k[2..], v);
+            assert!(store.get(Cf::Messages, v)?.is_some(), "torn batch");
+            Ok(())
+        })
+        .expect("scan");
+    assert_eq!(entries, store.last_sequence());
+    // And the store accepts writes after recovery, with the next numbers.
+    let mut batch = Batch::new();
+    batch.put(Cf::Meta, b"after-crash".to_vec(), Vec::new());
+    batch.set_sync(true);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let sequence = runtime.block_on(store.commit(batch)).expect("commit");
+    assert_eq!(sequence, store.last_sequence());
+    assert!(sequence > last_reported);
+}
