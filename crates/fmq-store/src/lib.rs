@@ -48,6 +48,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Calls `f` for every key of `cf` that starts with `prefix`, in key
     /// order. Used for recovery and admin listings, not on hot paths.
+    #[allow(clippy::type_complexity)] // a visitor; an alias would change its object lifetime
     fn scan_prefix(
         &self,
         cf: Cf,

@@ -1,0 +1,72 @@
+//! The client's error type.
+
+use std::sync::Arc;
+
+/// Result alias used throughout the client.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to a FerroMQ broker.
+///
+/// Errors are [`Clone`]: once a connection fails, every pending and every
+/// later call on it reports the same error, so the cause is never lost.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A socket error (connecting, reading or writing).
+    #[error("I/O error: {0}")]
+    Io(Arc<std::io::Error>),
+    /// The server sent something this client cannot make sense of (a
+    /// malformed frame, an unexpected command, a bad `heart-beat` header).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server sent an ERROR frame. `message` is its `message` header and
+    /// `detail` its body. The server closes the connection after an ERROR.
+    #[error("server error: {message}")]
+    Server {
+        /// The ERROR frame's `message` header.
+        message: String,
+        /// The ERROR frame's body, as text.
+        detail: String,
+    },
+    /// A call did not complete within [`ConnectOptions::timeout`], or the
+    /// server stopped sending heart-beats. The text names what was awaited.
+    ///
+    /// [`ConnectOptions::timeout`]: crate::ConnectOptions::timeout
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The connection is closed (after [`Client::disconnect`] or because the
+    /// server closed the socket without an ERROR).
+    ///
+    /// [`Client::disconnect`]: crate::Client::disconnect
+    #[error("connection closed")]
+    Closed,
+    /// The call cannot be made in the current state, e.g. NACK of a message
+    /// received on an `auto` subscription.
+    #[error("invalid use: {0}")]
+    Usage(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(Arc::new(e))
+    }
+}
+
+impl From<fmq_proto::Error> for Error {
+    fn from(e: fmq_proto::Error) -> Self {
+        match e {
+            fmq_proto::Error::Io(io) => Error::Io(Arc::new(io)),
+            other => Error::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl Error {
+    /// The error an ERROR frame stands for.
+    pub(crate) fn from_error_frame(frame: &fmq_proto::Frame) -> Error {
+        Error::Server {
+            message: frame.get("message").unwrap_or("").to_owned(),
+            detail: String::from_utf8_lossy(&frame.body).into_owned(),
+        }
+    }
+}
