@@ -57,8 +57,13 @@ pub enum Outbound {
 /// Where a session receives frames from the engine.
 pub type OutboundTx = mpsc::UnboundedSender<Outbound>;
 
+/// Resolves once the store write carrying a command is applied (and synced
+/// if the command asked). Shared because every command the engine handles in
+/// one wake-up goes into one store batch.
+pub type Durable = futures::future::Shared<Commit>;
+
 /// The reply to commands that may need a durable store write.
-pub type CommitReply = oneshot::Sender<Result<Commit, String>>;
+pub type CommitReply = oneshot::Sender<Result<Durable, String>>;
 
 /// What a SUBSCRIBE asks for.
 #[derive(Debug)]
@@ -187,7 +192,7 @@ pub enum Cmd {
     /// Commit whatever is collected, synced; used at shutdown.
     Flush {
         /// The final commit.
-        reply: oneshot::Sender<Commit>,
+        reply: CommitReply,
     },
 }
 
@@ -268,6 +273,10 @@ pub struct Engine {
     next_id: u64,
     dead: Vec<(Arc<Message>, String)>,
     stats: Stats,
+    /// Replies waiting for the batch of the current wake-up.
+    waiters: Vec<(CommitReply, Result<(), String>)>,
+    /// Whether a waiter of the current wake-up asked for a sync.
+    sync_wanted: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -335,6 +344,8 @@ impl Engine {
             next_id: block << 32,
             dead: Vec::new(),
             stats: Stats::default(),
+            waiters: Vec::new(),
+            sync_wanted: false,
         };
 
         store.scan_prefix(Cf::Destinations, b"", &mut |k, _| {
@@ -436,11 +447,9 @@ impl Engine {
             for cmd in cmds.drain(..) {
                 self.handle(cmd);
             }
+            self.finish();
         }
-        if !self.batch.is_empty() {
-            let batch = std::mem::take(&mut self.batch);
-            let _ = self.store.commit(batch).await;
-        }
+        self.finish();
         tracing::debug!("engine stopped");
     }
 
@@ -449,14 +458,31 @@ impl Engine {
         self.next_id
     }
 
-    /// Commits the operations collected so far.
-    fn flush(&mut self, sync: bool) -> Commit {
+    /// Queues a reply for the end of this wake-up.
+    fn reply(&mut self, reply: CommitReply, result: Result<(), String>, sync: bool) {
+        self.sync_wanted |= sync && result.is_ok();
+        self.waiters.push((reply, result));
+    }
+
+    /// Commits everything the commands of this wake-up changed as one batch
+    /// and hands its completion to every waiter.
+    fn finish(&mut self) {
+        self.process_dead();
+        let sync = std::mem::take(&mut self.sync_wanted);
         let mut batch = std::mem::take(&mut self.batch);
-        if batch.is_empty() && !sync {
-            return Commit::ready(Ok(self.store.last_sequence()));
+        let commit = if batch.is_empty() && !sync {
+            Commit::ready(Ok(self.store.last_sequence()))
+        } else {
+            batch.set_sync(sync);
+            self.store.commit(batch)
+        };
+        if self.waiters.is_empty() {
+            return; // the store applies the batch whether or not anyone waits
         }
-        batch.set_sync(sync);
-        self.store.commit(batch)
+        let durable = futures::FutureExt::shared(commit);
+        for (reply, result) in self.waiters.drain(..) {
+            let _ = reply.send(result.map(|()| durable.clone()));
+        }
     }
 
     fn handle(&mut self, cmd: Cmd) {
@@ -486,11 +512,7 @@ impl Engine {
                 );
                 let _ = reply.send(Ok(()));
             }
-            Cmd::Close { session } => {
-                self.close_session(session);
-                let c = self.flush(false);
-                drop(c);
-            }
+            Cmd::Close { session } => self.close_session(session),
             Cmd::Send {
                 session: _,
                 message,
@@ -498,10 +520,8 @@ impl Engine {
                 sync,
             } => {
                 self.accept(message);
-                self.process_dead();
-                let commit = self.flush(sync);
                 if let Some(reply) = reply {
-                    let _ = reply.send(Ok(commit));
+                    self.reply(reply, Ok(()), sync);
                 }
             }
             Cmd::Subscribe {
@@ -511,8 +531,7 @@ impl Engine {
             } => {
                 let sync = req.sync;
                 let result = self.subscribe(session, req);
-                let commit = self.flush(sync);
-                let _ = reply.send(result.map(|()| commit));
+                self.reply(reply, result, sync);
             }
             Cmd::Unsubscribe {
                 session,
@@ -521,9 +540,7 @@ impl Engine {
                 reply,
             } => {
                 let result = self.unsubscribe(session, id, durable);
-                self.process_dead();
-                let commit = self.flush(true);
-                let _ = reply.send(result.map(|()| commit));
+                self.reply(reply, result, true);
             }
             Cmd::Ack {
                 session,
@@ -534,9 +551,7 @@ impl Engine {
                 let result = self
                     .check_acks(session, &[ack])
                     .map(|()| self.apply_ack(session, ack));
-                self.process_dead();
-                let commit = self.flush(sync);
-                let _ = reply.send(result.map(|()| commit));
+                self.reply(reply, result, sync);
             }
             Cmd::Commit {
                 session,
@@ -553,16 +568,12 @@ impl Engine {
                         self.accept(message);
                     }
                 });
-                self.process_dead();
-                let commit = self.flush(true);
-                let _ = reply.send(result.map(|()| commit));
+                self.reply(reply, result, true);
             }
             Cmd::Written { session, items } => {
                 for (sub, id) in items {
                     self.ack_written(session, &sub, id);
                 }
-                self.process_dead();
-                drop(self.flush(false));
             }
             Cmd::Stats { reply } => {
                 let _ = reply.send(self.stats());
@@ -579,15 +590,9 @@ impl Engine {
                 if let Some(key) = key {
                     self.dispatch(&key);
                 }
-                drop(self.flush(false));
             }
-            Cmd::Flush { reply } => {
-                let _ = reply.send(self.flush(true));
-            }
-            Cmd::Tick => {
-                self.expire();
-                drop(self.flush(false));
-            }
+            Cmd::Flush { reply } => self.reply(reply, Ok(()), true),
+            Cmd::Tick => self.expire(),
         }
     }
 

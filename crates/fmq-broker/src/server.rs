@@ -149,8 +149,8 @@ impl Broker {
             .await
             .is_ok()
         {
-            if let Ok(commit) = rx.await {
-                commit.await?;
+            if let Ok(Ok(durable)) = rx.await {
+                durable.await?;
             }
         }
         self.store.sync()?;

@@ -75,7 +75,7 @@ fn error_frame(f: &Fatal) -> Frame {
 /// What the receipt task waits for before answering.
 enum Wait {
     Now,
-    Engine(oneshot::Receiver<Result<fmq_store::Commit, String>>),
+    Engine(oneshot::Receiver<Result<crate::engine::Durable, String>>),
 }
 
 struct Pending {
