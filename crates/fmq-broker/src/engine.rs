@@ -110,10 +110,13 @@ pub enum Cmd {
         /// Refused when the client id is in use.
         reply: oneshot::Sender<Result<(), String>>,
     },
-    /// A session ended: its unacknowledged messages are redelivered.
+    /// A session ended: its unacknowledged messages are redelivered and its
+    /// client-id is free again.
     Close {
         /// Session.
         session: SessionId,
+        /// Answered once that is done (DISCONNECT's RECEIPT waits for it).
+        reply: Option<CommitReply>,
     },
     /// A SEND outside a transaction.
     Send {
@@ -512,7 +515,12 @@ impl Engine {
                 );
                 let _ = reply.send(Ok(()));
             }
-            Cmd::Close { session } => self.close_session(session),
+            Cmd::Close { session, reply } => {
+                self.close_session(session);
+                if let Some(reply) = reply {
+                    self.reply(reply, Ok(()), true);
+                }
+            }
             Cmd::Send {
                 session: _,
                 message,

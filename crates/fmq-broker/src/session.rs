@@ -47,6 +47,9 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// Most transactions one connection may have open at once.
+const MAX_OPEN_TRANSACTIONS: usize = 1024;
+
 /// Why a session ended with an ERROR: the text for the client.
 struct Fatal {
     message: String,
@@ -175,7 +178,13 @@ async fn run(id: SessionId, stream: TcpStream, shared: &Arc<Shared>) -> std::io:
         Err(_) => return Ok(()),
     }
     if writer.send(connected.frame).await.is_err() {
-        let _ = shared.engine.send(Cmd::Close { session: id }).await;
+        let _ = shared
+            .engine
+            .send(Cmd::Close {
+                session: id,
+                reply: None,
+            })
+            .await;
         return Ok(());
     }
     tracing::debug!(user = %connected.principal, version = connected.version.as_str(), "connected");
@@ -259,7 +268,13 @@ async fn run(id: SessionId, stream: TcpStream, shared: &Arc<Shared>) -> std::io:
     }
     // Whatever the client did not commit is rolled back; unacknowledged
     // deliveries are requeued by the engine.
-    let _ = shared.engine.send(Cmd::Close { session: id }).await;
+    let _ = shared
+        .engine
+        .send(Cmd::Close {
+            session: id,
+            reply: None,
+        })
+        .await;
     drop(state);
     let _ = receipt_task.await;
     let _ = writer_task.await;
@@ -381,7 +396,22 @@ impl State {
             Command::Commit => self.commit(frame).await,
             Command::Abort => self.abort(&frame),
             Command::Disconnect => {
-                self.push(Wait::Now, frame.get("receipt").map(str::to_owned), true);
+                // Close in the engine first, so that once the client has the
+                // RECEIPT its client-id is free and its state is durable.
+                let (tx, rx) = oneshot::channel();
+                self.engine(
+                    Cmd::Close {
+                        session: self.id,
+                        reply: Some(tx),
+                    },
+                    &frame,
+                )
+                .await?;
+                self.push(
+                    Wait::Engine(rx),
+                    frame.get("receipt").map(str::to_owned),
+                    true,
+                );
                 Ok(Flow::Disconnect)
             }
             other => Err(Fatal::new(
@@ -646,6 +676,12 @@ impl State {
         if self.transactions.contains_key(tx) {
             return Err(Fatal::new(
                 format!("transaction '{tx}' is already begun"),
+                frame,
+            ));
+        }
+        if self.transactions.len() >= MAX_OPEN_TRANSACTIONS {
+            return Err(Fatal::new(
+                format!("more than {MAX_OPEN_TRANSACTIONS} transactions open on one connection"),
                 frame,
             ));
         }
