@@ -30,7 +30,7 @@ fmq_build_deps() {
         [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
     fi
     if ! command -v cargo >/dev/null 2>&1; then
-        fmq_log "cargo not found: FerroMQ needs Rust 1.88 or newer (rustup, https://rustup.rs)"
+        fmq_log "cargo not found: FerroMQ needs Rust 1.89 or newer (rustup, https://rustup.rs)"
         return 1
     fi
     # RocksDB's bindings are generated with libclang; its C++ is built with g++.

@@ -11,7 +11,7 @@ const MIB: usize = 1024 * 1024;
 /// The defaults suit a broker on a small server: durable by default, a
 /// group size that bounds the latency one huge group adds to the commits
 /// queued behind it, and memory use in the low hundreds of MiB.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RocksOptions {
     /// When true (the default), a group containing a batch that asked for a
     /// sync is written with an fsync of the write-ahead log before any of its

@@ -206,6 +206,56 @@ fn synced_commits_share_fsyncs() {
     assert_eq!(contents(&*store)[&Cf::Messages].len(), 200);
 }
 
+/// Closed loop: each producer waits for its commit before making the next,
+/// as a broker connection does with receipts. Commits can only share an
+/// fsync because they arrive while another one is in progress.
+#[test]
+fn producers_waiting_on_each_commit_share_fsyncs() {
+    const PRODUCERS: u64 = 16;
+    const EACH: u64 = 25;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(open(dir.path()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    let started = std::time::Instant::now();
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..PRODUCERS)
+            .map(|p| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let mut last = 0;
+                    for n in 0..EACH {
+                        let batch = put(Cf::Messages, &format!("p{p}/{n:03}"), "x", true);
+                        let sequence = store.commit(batch).await.expect("commit");
+                        assert!(sequence > last, "a producer's commits apply in order");
+                        last = sequence;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+    });
+    let elapsed = started.elapsed();
+    let stats = store.stats();
+    let total = PRODUCERS * EACH;
+    println!(
+        "{total} synced commits from {PRODUCERS} closed-loop producers in {elapsed:?}: \
+         {} synced writes, {:.1} batches per fsync",
+        stats.synced_writes,
+        total as f64 / stats.synced_writes as f64
+    );
+    assert_eq!(stats.batches_committed, total);
+    assert_eq!(store.last_sequence(), total);
+    assert!(
+        stats.synced_writes < total / 2,
+        "group commit should at least halve the fsyncs: {stats:?}"
+    );
+}
+
 #[test]
 fn unsynced_commits_do_not_fsync() {
     let dir = tempfile::tempdir().expect("tempdir");
