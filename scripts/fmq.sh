@@ -297,10 +297,11 @@ fmq_main() {
     # setsid: the server gets its own session, so the terminal's Ctrl-C and
     # hang-up do not reach it. This shell is not interactive, so the child is
     # no process-group leader and setsid execs fmq in place ($! is fmq's pid).
+    # NO_COLOR: plain text in fmq.out, no terminal colour codes.
     if command -v setsid >/dev/null; then
-        setsid "${cmd[@]}" </dev/null >"$OUT_FILE" 2>&1 &
+        NO_COLOR=${NO_COLOR:-1} setsid "${cmd[@]}" </dev/null >"$OUT_FILE" 2>&1 &
     else
-        nohup "${cmd[@]}" </dev/null >"$OUT_FILE" 2>&1 &
+        NO_COLOR=${NO_COLOR:-1} nohup "${cmd[@]}" </dev/null >"$OUT_FILE" 2>&1 &
     fi
     pid=$!
     echo "$pid" >"$PID_FILE"

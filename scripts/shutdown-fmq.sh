@@ -93,7 +93,20 @@ pid=""
 if [[ -n "$PID_FILE" ]]; then
     pid=$(fmq_running_pid) || pid=""
 fi
-[[ -n "$pid" ]] || pid=$(pid_on_port "$admin_port") || pid=""
+if [[ -z "$pid" ]] && pid=$(pid_on_port "$admin_port"); then
+    # Found by port: its pid file is the one fmq.sh wrote for the profile on
+    # its command line (fmq.sh passes an absolute profile directory).
+    if [[ -z "$PID_FILE" && -r /proc/$pid/cmdline ]]; then
+        mapfile -d '' -t args <"/proc/$pid/cmdline"
+        for ((i = 1; i + 1 < ${#args[@]}; i++)); do
+            if [[ "${args[i]}" == -profile || "${args[i]}" == --profile ]] &&
+                [[ "${args[i + 1]}" == /* && -f "${args[i + 1]}/fmq.toml" ]]; then
+                PID_FILE=${FMQ_RUN_DIR:-${args[i + 1]}/run}/fmq.pid
+                break
+            fi
+        done
+    fi
+fi
 
 remove_pid_file() {
     local old=""

@@ -462,13 +462,22 @@ fn fmq_sh_starts_refuses_second_start_and_shutdown_stops() {
         "fmq pid {pid} still running after shutdown-fmq.sh"
     );
     assert!(!port_answers(p.port), "client port still answers");
+    if Command::new("ss").arg("-V").output().is_ok() {
+        // ss found the pid by its admin port, and with it the pid file.
+        assert!(
+            String::from_utf8_lossy(&down.stdout).contains(&format!("pid {pid}")),
+            "{}",
+            text(&down)
+        );
+        assert!(!p.pid_file().exists(), "pid file left: {}", text(&down));
+    }
     assert!(
         p.describe().contains("FerroMQ server stopped"),
         "no clean stop in the output: {}",
         p.describe()
     );
 
-    // Nothing left to stop: exit status 1, and the stale pid file goes.
+    // Nothing left to stop: exit status 1, and no pid file stays.
     let down = run(p
         .command("scripts/shutdown-fmq.sh")
         .arg("-profile")

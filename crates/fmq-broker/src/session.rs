@@ -430,6 +430,23 @@ impl State {
         });
     }
 
+    /// Sends a command whose outcome decides the RECEIPT (or ERROR) that
+    /// answers `frame`, in order with the session's other receipts.
+    async fn request(
+        &self,
+        frame: &Frame,
+        make: impl FnOnce(CommitReply) -> Cmd,
+    ) -> Result<Flow, Fatal> {
+        let (tx, rx) = oneshot::channel();
+        self.engine(make(tx), frame).await?;
+        self.push(
+            Wait::Engine(rx),
+            frame.get("receipt").map(str::to_owned),
+            false,
+        );
+        Ok(Flow::Continue)
+    }
+
     async fn engine(&self, cmd: Cmd, frame: &Frame) -> Result<(), Fatal> {
         self.shared
             .engine
@@ -598,23 +615,14 @@ impl State {
         if id.is_none() && durable.is_none() {
             return Err(Fatal::new("UNSUBSCRIBE frame has no id header", &frame));
         }
-        let (tx, rx) = oneshot::channel();
-        self.engine(
-            Cmd::Unsubscribe {
-                session: self.id,
-                id,
-                durable,
-                reply: tx,
-            },
-            &frame,
-        )
-        .await?;
-        self.push(
-            Wait::Engine(rx),
-            frame.get("receipt").map(str::to_owned),
-            false,
-        );
-        Ok(Flow::Continue)
+        let session = self.id;
+        self.request(&frame, |reply| Cmd::Unsubscribe {
+            session,
+            id,
+            durable,
+            reply,
+        })
+        .await
     }
 
     async fn ack(&mut self, frame: Frame) -> Result<Flow, Fatal> {
@@ -655,20 +663,15 @@ impl State {
             self.push(Wait::Now, receipt, false);
             return Ok(Flow::Continue);
         }
-        let (tx, rx) = oneshot::channel();
-        let reply: CommitReply = tx;
-        self.engine(
-            Cmd::Ack {
-                session: self.id,
-                ack,
-                sync: receipt.is_some(),
-                reply,
-            },
-            &frame,
-        )
-        .await?;
-        self.push(Wait::Engine(rx), receipt, false);
-        Ok(Flow::Continue)
+        let session = self.id;
+        let sync = receipt.is_some();
+        self.request(&frame, |reply| Cmd::Ack {
+            session,
+            ack,
+            sync,
+            reply,
+        })
+        .await
     }
 
     fn begin(&mut self, frame: &Frame) -> Result<Flow, Fatal> {
@@ -697,23 +700,14 @@ impl State {
             .transactions
             .remove(&name)
             .ok_or_else(|| Fatal::new(format!("transaction '{name}' was not begun"), &frame))?;
-        let (tx, rx) = oneshot::channel();
-        self.engine(
-            Cmd::Commit {
-                session: self.id,
-                sends: t.sends,
-                acks: t.acks,
-                reply: tx,
-            },
-            &frame,
-        )
-        .await?;
-        self.push(
-            Wait::Engine(rx),
-            frame.get("receipt").map(str::to_owned),
-            false,
-        );
-        Ok(Flow::Continue)
+        let session = self.id;
+        self.request(&frame, |reply| Cmd::Commit {
+            session,
+            sends: t.sends,
+            acks: t.acks,
+            reply,
+        })
+        .await
     }
 
     fn abort(&mut self, frame: &Frame) -> Result<Flow, Fatal> {

@@ -10,54 +10,11 @@ use std::time::{Duration, Instant};
 
 use fmq_client::{AckMode, Client, ConnectOptions, SubscribeOptions};
 
-/// Command-line arguments shared by the producer and consumer examples.
-#[derive(Debug)]
-struct Args {
-    addr: String,
-    login: Option<String>,
-    passcode: Option<String>,
-    destination: String,
-    count: usize,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        addr: "127.0.0.1:1856".into(),
-        login: None,
-        passcode: None,
-        destination: "/queue/demo".into(),
-        count: 10,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--addr" => args.addr = value()?,
-            "--login" => args.login = Some(value()?),
-            "--passcode" => args.passcode = Some(value()?),
-            "--destination" => args.destination = value()?,
-            "--count" => {
-                let v = value()?;
-                args.count = v
-                    .parse()
-                    .map_err(|_| format!("--count {v}: not a number"))?;
-            }
-            "-h" | "--help" => {
-                return Err(
-                    "usage: consumer [--addr HOST:PORT] [--login USER] [--passcode PASS] \
-                     [--destination /queue/NAME] [--count N]"
-                        .into(),
-                )
-            }
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    Ok(args)
-}
+mod common;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args()?;
+    let args = common::parse_args("consumer")?;
     let client = Client::connect(
         args.addr.as_str(),
         ConnectOptions {
