@@ -1037,6 +1037,7 @@ impl Engine {
         self.dispatch(&key);
     }
 
+    /// An auto-ack delivery reached the socket: its prefetch credit returns.
     fn ack_written(&mut self, session: SessionId, sub: &Arc<str>, id: u64) {
         let Some(state) = self.sessions.get_mut(&session) else {
             return;
@@ -1047,13 +1048,6 @@ impl Engine {
         consumer.delivered.retain(|&m| m != id);
         state.delivered.remove(&id);
         let key = consumer.queue.clone();
-        let entry = self
-            .queues
-            .get_mut(&key)
-            .and_then(|q| q.inflight.remove(&id));
-        if let Some(e) = entry {
-            self.forget(&key, &e.message);
-        }
         self.dispatch(&key);
     }
 
@@ -1102,6 +1096,7 @@ impl Engine {
                 .is_some_and(|k| k.selector.is_some())
         });
         let mut expired = Vec::new();
+        let mut acked = Vec::new();
         let mut delivered = 0u64;
         if !any_selector {
             loop {
@@ -1121,7 +1116,7 @@ impl Engine {
                 }
                 q.rr = (idx + 1) % n;
                 let ck = q.consumers[idx].clone();
-                deliver(sessions, q, &ck, entry);
+                acked.extend(deliver(sessions, q, &ck, entry));
                 delivered += 1;
             }
         } else {
@@ -1154,7 +1149,7 @@ impl Engine {
                     Some(idx) => {
                         q.rr = (idx + 1) % n;
                         let ck = q.consumers[idx].clone();
-                        deliver(sessions, q, &ck, entry);
+                        acked.extend(deliver(sessions, q, &ck, entry));
                         delivered += 1;
                     }
                     None => kept.push(entry),
@@ -1172,33 +1167,46 @@ impl Engine {
             self.stats.expired += 1;
             self.forget(key, &e.message);
         }
+        for e in acked {
+            self.forget(key, &e.message);
+        }
     }
 }
 
 /// Hands one entry to a consumer: records it in flight and queues the frame.
+/// Returns the entry when the subscription is `auto`: it counts as
+/// acknowledged once sent (ActiveMQ's STOMP semantics), so the caller removes
+/// it from the store; the consumer's prefetch credit stays taken until the
+/// session reports the frame written, which is what bounds a slow reader.
 fn deliver(
     sessions: &mut HashMap<SessionId, SessionState>,
     q: &mut Queue,
     ck: &ConsumerKey,
     entry: Entry,
-) {
+) -> Option<Entry> {
     let Some(state) = sessions.get_mut(&ck.0) else {
         q.push_front(entry);
-        return;
+        return None;
     };
     let Some(consumer) = state.consumers.get_mut(&ck.1) else {
         q.push_front(entry);
-        return;
+        return None;
     };
     let id = entry.message.id;
     let frame = message_frame(&entry, &ck.1);
     consumer.delivered.push_back(id);
     state.delivered.insert(id, ck.1.clone());
-    let auto_ack = (consumer.ack == AckMode::Auto).then(|| (ck.1.clone(), id));
-    q.inflight.insert(id, entry);
+    let auto = consumer.ack == AckMode::Auto;
+    let auto_ack = auto.then(|| (ck.1.clone(), id));
     // A send error means the session is closing; its Close command will
     // requeue what is in flight.
     let _ = state.out.send(Outbound::Message { frame, auto_ack });
+    if auto {
+        Some(entry)
+    } else {
+        q.inflight.insert(id, entry);
+        None
+    }
 }
 
 /// Builds the MESSAGE frame for one delivery.

@@ -666,3 +666,24 @@ async fn persistent_state_is_recovered_by_a_new_broker_on_the_same_store() {
     assert_eq!(body(&d.message().await), "for-durable");
     b.stop().await;
 }
+
+#[tokio::test]
+async fn auto_ack_delivery_is_not_redelivered_after_disconnect() {
+    let b = TestBroker::start(open_config()).await;
+    for round in 0..20 {
+        let q = format!("/queue/auto.{round}");
+        let mut c = Conn::connect(b.addr, &[]).await;
+        c.publish(&q, "once", &[("persistent", "true")]).await;
+        c.subscribe("s", &q, "auto", &[]).await;
+        assert_eq!(body(&c.message().await), "once");
+        c.send_receipted(Frame::new(Command::Disconnect), "bye")
+            .await;
+        let mut c = Conn::connect(b.addr, &[]).await;
+        c.subscribe("s", &q, "auto", &[]).await;
+        assert!(
+            c.try_recv(Duration::from_millis(50)).await.is_none(),
+            "round {round}: an auto-acknowledged message came back"
+        );
+    }
+    b.stop().await;
+}
