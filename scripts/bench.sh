@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FerroMQ vs ActiveMQ Classic vs RabbitMQ: persistent STOMP benchmarks on loopback.
 #
-#   scripts/bench.sh [--rounds R] [--messages N] [--messages-100 N] [--messages-16 N]
+#   scripts/bench.sh [--rounds R] [--settle S] [--messages N] [--messages-100 N] [--messages-16 N]
 #                    [--only ferromq,activemq,rabbitmq] [--out FILE] [--no-build]
 #                    [--no-install] [--keep] [--serve]
 #
@@ -11,14 +11,16 @@
 # Installs the peer brokers (Debian packages) if missing, builds fmq-bench and
 # fmq-server, starts every broker as a child process of its own (setsid, own
 # data dir, free loopback ports), then runs three scenarios against the
-# brokers interleaved (FerroMQ, ActiveMQ, RabbitMQ, FerroMQ, ...) for R rounds
-# with an fsync probe before each round, and writes docs/benchmarks.md.
+# brokers interleaved for R rounds (default 5), the first broker rotating from
+# round to round, with `sync` and an S-second pause (default 2) before every
+# run and an fsync probe before each round, and writes docs/benchmarks.md.
 # Everything it started is stopped on exit and its temp dir removed.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPERS="$ROOT/scripts/bench"
-ROUNDS=3
+ROUNDS=5
+SETTLE=2          # seconds of quiet disk before each run
 MSG_EACH=5000      # receipt-each: messages (1 producer)
 MSG_100=50000      # receipt-100: messages (1 producer)
 MSG_16=1000        # producers-16: messages per producer (16 producers)
@@ -38,6 +40,7 @@ usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BA
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --rounds) ROUNDS=$2; shift 2 ;;
+        --settle) SETTLE=$2; shift 2 ;;
         --messages) MSG_EACH=$2; shift 2 ;;
         --messages-100) MSG_100=$2; shift 2 ;;
         --messages-16) MSG_16=$2; shift 2 ;;
@@ -357,6 +360,11 @@ print(f"  {sys.argv[3]:<13} {sys.argv[2]:<9} round {sys.argv[4]}: {j.get('msg_pe
 EOF
 }
 
+settle() { # flush dirty pages of the previous run, then pause
+    sync
+    sleep "$SETTLE"
+}
+
 fsync_probe() { # round -> prints ms per 4 KiB write+fdatasync (median, p90)
     python3 - "$RUN/probe" <<'EOF'
 import os, sys, time, statistics
@@ -387,9 +395,14 @@ for ((r = 1; r <= ROUNDS; r++)); do
     read -r fmed fp90 < <(fsync_probe)
     echo -e "$r\t$fmed\t$fp90" >>"$RUN/fsync.tsv"
     log "round $r/$ROUNDS: fsync probe median $fmed ms, p90 $fp90 ms"
-    for b in "${ACTIVE[@]}"; do bench "$b" receipt-each "$r" --producers 1 --messages "$MSG_EACH" --receipt-every 1; done
-    for b in "${ACTIVE[@]}"; do bench "$b" receipt-100 "$r" --producers 1 --messages "$MSG_100" --receipt-every 100; done
-    for b in "${ACTIVE[@]}"; do bench "$b" producers-16 "$r" --producers 16 --messages "$MSG_16" --receipt-every 1; done
+    # Rotate which broker goes first, so none always runs right after the
+    # same neighbour (whose background disk writes would then always land
+    # on it), and let the disk settle before every run.
+    ORDER=()
+    for ((i = 0; i < ${#ACTIVE[@]}; i++)); do ORDER+=("${ACTIVE[$(((i + r - 1) % ${#ACTIVE[@]}))]}"); done
+    for b in "${ORDER[@]}"; do settle; bench "$b" receipt-each "$r" --producers 1 --messages "$MSG_EACH" --receipt-every 1; done
+    for b in "${ORDER[@]}"; do settle; bench "$b" receipt-100 "$r" --producers 1 --messages "$MSG_100" --receipt-every 100; done
+    for b in "${ORDER[@]}"; do settle; bench "$b" producers-16 "$r" --producers 16 --messages "$MSG_16" --receipt-every 1; done
 done
 ELAPSED=$(($(date +%s) - T0))
 
@@ -397,6 +410,7 @@ ELAPSED=$(($(date +%s) - T0))
 {
     echo "command=$CMDLINE"
     echo "rounds=$ROUNDS"
+    echo "settle=$SETTLE"
     echo "msg_each=$MSG_EACH"
     echo "msg_100=$MSG_100"
     echo "msg_16=$MSG_16"

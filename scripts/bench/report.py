@@ -122,7 +122,9 @@ def main():
     w("```")
     w("")
     w(f"- {meta.get('rounds')} rounds; in each round every scenario runs against every broker in turn "
-      f"({', '.join(NAMES[b] for b in brokers)}), so drifting disk latency hits all brokers alike. "
+      f"({', '.join(NAMES[b] for b in brokers)}), the first one rotating from round to round, "
+      f"with `sync` and a {meta.get('settle', '?')} s pause before every run, so drifting disk latency "
+      f"and one broker's background writes hit all brokers alike. "
       f"The rounds took {meta.get('elapsed', '?')} s.")
     w(f"- Messages: receipt-each {meta.get('msg_each')}, receipt-100 {meta.get('msg_100')}, "
       f"producers-16 {meta.get('msg_16')} per producer; bodies {meta.get('size')} bytes, "
@@ -197,7 +199,7 @@ def main():
     w("## How to run")
     w("")
     w("```")
-    w("scripts/bench.sh                         # all three brokers, 3 rounds, writes this page")
+    w("scripts/bench.sh                         # all three brokers, 5 rounds, writes this page")
     w("scripts/bench.sh --only activemq,rabbitmq --rounds 5")
     w("scripts/bench.sh --messages 5000 --messages-100 50000 --messages-16 1000   # the defaults")
     w("scripts/bench.sh --serve                 # start the brokers, print their ports, wait for Ctrl-C")
