@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use payload::{BodyTemplate, Stamp, PREFIX_LEN};
-use stomp::{ConnectOptions, Connection, Frame};
+use stomp::{error_text, Command, ConnectOptions, Connection, Frame};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -226,13 +226,13 @@ fn consume_frame(
                 return Ok(None);
             }
             let frame = match f.get("ack") {
-                Some(id) => Frame::new("ACK").header("id", id),
+                Some(id) => Frame::new(Command::Ack).header("id", id),
                 None => {
                     // STOMP 1.1-style servers: ACK by message-id.
                     let Some(mid) = f.get("message-id") else {
                         bail!("MESSAGE without ack or message-id header");
                     };
-                    let mut a = Frame::new("ACK").header("message-id", mid);
+                    let mut a = Frame::new(Command::Ack).header("message-id", mid);
                     if let Some(sub) = f.get("subscription") {
                         a = a.header("subscription", sub);
                     }
@@ -241,7 +241,7 @@ fn consume_frame(
             };
             Ok(Some(frame))
         }
-        "ERROR" => bail!("consumer: {}", f.error_text()),
+        "ERROR" => bail!("consumer: {}", error_text(&f)),
         _ => Ok(None),
     }
 }
@@ -257,7 +257,7 @@ async fn run_consumer(
 ) -> Result<()> {
     let mut conn = Connection::connect(&connect_opts(args), deadline).await?;
     st.server = conn.server.clone();
-    let mut sub = Frame::new("SUBSCRIBE")
+    let mut sub = Frame::new(Command::Subscribe)
         .header("id", "0")
         .header("destination", dest)
         .header("ack", args.ack.header())
@@ -271,7 +271,7 @@ async fn run_consumer(
     let ack = args.ack;
     conn.wait_receipt("sub-0", deadline, |f| {
         // A MESSAGE before the receipt would be a leftover: count it.
-        if f.command == "MESSAGE" {
+        if f.command == Command::Message {
             st.record(payload::parse(&f.body), now_ns(start));
         }
         Ok(())
@@ -338,7 +338,7 @@ async fn run_producer(
             seq,
             sent_ns,
         });
-        let mut f = Frame::new("SEND")
+        let mut f = Frame::new(Command::Send)
             .header("destination", &*dest)
             .header("content-length", size.clone());
         if args.persistent {
@@ -349,7 +349,7 @@ async fn run_producer(
         if want_receipt {
             f = f.header("receipt", receipt_id.clone());
         }
-        let f = f.body(body);
+        let f = f.with_body(body);
         conn.send(&f).await?;
         stats.first_send_ns.get_or_insert(sent_ns);
         stats.sent += 1;
@@ -604,16 +604,16 @@ mod tests {
     fn ack_frames_follow_the_message() {
         let start = Instant::now();
         let mut st = ConsumerState::new(1, 10).expect("state");
-        let msg = Frame::new("MESSAGE")
+        let msg = Frame::new(Command::Message)
             .header("subscription", "0")
             .header("message-id", "m1")
             .header("ack", "a1");
         let ack = consume_frame(msg, &mut st, AckMode::ClientIndividual, start)
             .expect("ok")
             .expect("ack");
-        assert_eq!(ack.command, "ACK");
+        assert_eq!(ack.command, Command::Ack);
         assert_eq!(ack.get("id"), Some("a1"));
-        let old = Frame::new("MESSAGE")
+        let old = Frame::new(Command::Message)
             .header("subscription", "0")
             .header("message-id", "m2");
         let ack = consume_frame(old, &mut st, AckMode::Client, start)
@@ -621,9 +621,10 @@ mod tests {
             .expect("ack");
         assert_eq!(ack.get("message-id"), Some("m2"));
         assert_eq!(ack.get("subscription"), Some("0"));
-        let none = consume_frame(Frame::new("MESSAGE"), &mut st, AckMode::Auto, start).expect("ok");
+        let none =
+            consume_frame(Frame::new(Command::Message), &mut st, AckMode::Auto, start).expect("ok");
         assert!(none.is_none());
-        assert!(consume_frame(Frame::new("ERROR"), &mut st, AckMode::Auto, start).is_err());
+        assert!(consume_frame(Frame::new(Command::Error), &mut st, AckMode::Auto, start).is_err());
         assert_eq!(st.unexpected, 3);
     }
 }
