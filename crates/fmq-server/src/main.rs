@@ -67,6 +67,20 @@ enum Cmd {
         #[command(flatten)]
         auth: Auth,
     },
+    /// Runs the gateway responder on the third machine: HA servers ping it
+    /// to tell a dead peer from their own isolation. Stops on SIGTERM/SIGINT.
+    Gateway {
+        /// Address to listen on (e.g. 0.0.0.0:7007).
+        #[arg(long)]
+        listen: String,
+    },
+    /// Checks that a directory (an NFSv4/SMB mount for the lock file or a
+    /// shared store) gives exclusive locks between processes, releases them
+    /// when the holder dies, and honours fsync; prints a verdict.
+    Fscheck {
+        /// The directory to check.
+        path: PathBuf,
+    },
     /// Manages access-control lists on a running server.
     Acl {
         #[command(subcommand)]
@@ -166,6 +180,8 @@ fn password(given: Option<String>) -> Result<String> {
 }
 
 fn main() {
+    // `fmq fscheck` re-runs this binary as its lock-holder process.
+    fmq_ha::fscheck::dispatch_holder();
     let cli = Cli::parse_from(rewrite_args(std::env::args()));
     let code = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -212,6 +228,35 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 print!("{}", admin::format_status(&v));
             }
             Ok(())
+        }
+        Some(Cmd::Gateway { listen }) => {
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for gateway pings: {e}"))?;
+            println!(
+                "FerroMQ gateway answering HA pings on {}",
+                listener.local_addr()?
+            );
+            let stop = async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+            };
+            fmq_ha::gateway::serve(listener, stop).await;
+            println!("FerroMQ gateway stopped");
+            Ok(())
+        }
+        Some(Cmd::Fscheck { path }) => {
+            let report = tokio::task::spawn_blocking(move || fmq_ha::fscheck::run(&path)).await??;
+            println!("{report}");
+            if report.suitable() {
+                Ok(())
+            } else {
+                bail!("{}", report.verdict())
+            }
         }
         Some(Cmd::Shutdown { target, auth }) => {
             let v = admin::call(

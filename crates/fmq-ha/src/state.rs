@@ -1,0 +1,107 @@
+//! Server states, named and printed as the seed names them.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The state of one server of an HA pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    /// Replicated: waiting for the backup server to connect.
+    Waiting,
+    /// Replicated: serving clients while sending the passive what it lacks.
+    ActiveSync,
+    /// Replicated: receiving what it lacks from the active.
+    PassiveSync,
+    /// Serving clients with a peer in standby.
+    Active,
+    /// Standby: refuses clients, watches the active.
+    Passive,
+    /// Replicated: serving clients without a peer.
+    Standalone,
+    /// Shared: holds the lock and is opening the shared store.
+    Activating,
+    /// A peer that is not there (never a server's own state).
+    Dead,
+}
+
+impl State {
+    /// Whether a server in this state accepts client connections.
+    pub fn accepts_clients(self) -> bool {
+        matches!(self, State::Active | State::ActiveSync | State::Standalone)
+    }
+
+    /// The seed's name: `ACTIVE`, `ACTIVE_SYNC`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Waiting => "WAITING",
+            State::ActiveSync => "ACTIVE_SYNC",
+            State::PassiveSync => "PASSIVE_SYNC",
+            State::Active => "ACTIVE",
+            State::Passive => "PASSIVE",
+            State::Standalone => "STANDALONE",
+            State::Activating => "ACTIVATING",
+            State::Dead => "DEAD",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which half of the pair a server is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs the primary profile; wins ties.
+    Primary,
+    /// Runs the secondary profile.
+    Secondary,
+}
+
+impl Role {
+    /// `Primary` / `Secondary`, as in "Primary Server switched to ACTIVE".
+    pub fn title(self) -> &'static str {
+        match self {
+            Role::Primary => "Primary",
+            Role::Secondary => "Secondary",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.title())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_serving_states_accept_clients() {
+        let serving: Vec<State> = [
+            State::Waiting,
+            State::ActiveSync,
+            State::PassiveSync,
+            State::Active,
+            State::Passive,
+            State::Standalone,
+            State::Activating,
+            State::Dead,
+        ]
+        .into_iter()
+        .filter(|s| s.accepts_clients())
+        .collect();
+        assert_eq!(
+            serving,
+            [State::ActiveSync, State::Active, State::Standalone]
+        );
+        assert_eq!(State::ActiveSync.to_string(), "ACTIVE_SYNC");
+    }
+}
