@@ -86,6 +86,12 @@ impl Broker {
         rx.await.map_err(|_| Error::Stopped)
     }
 
+    /// Serves one accepted connection (used by an HA server, which owns its
+    /// accept loop so that it can refuse clients while not active).
+    pub fn spawn_session(&self, stream: tokio::net::TcpStream) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(session::serve(stream, self.shared.clone()))
+    }
+
     /// A handle that makes [`Broker::serve`] return and sessions close.
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
         self.shutdown.clone()

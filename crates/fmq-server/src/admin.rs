@@ -47,14 +47,24 @@ pub struct ServerInfo {
     pub started: Instant,
 }
 
+/// What the admin port serves from: the broker while there is one (an HA
+/// server that is not active has none), the HA status if the server is one
+/// half of a pair, and the shutdown switch.
+#[derive(Debug)]
+pub struct AdminCtx {
+    /// The running broker, if any.
+    pub broker: watch::Receiver<Option<Arc<Broker>>>,
+    /// HA status as JSON, for HA servers.
+    pub ha: Option<watch::Receiver<Value>>,
+    /// Static facts.
+    pub info: ServerInfo,
+    /// Set to true to stop the server.
+    pub shutdown: watch::Sender<bool>,
+}
+
 /// Serves the admin port until shutdown.
-pub async fn serve(
-    listener: TcpListener,
-    broker: Arc<Broker>,
-    info: ServerInfo,
-    shutdown: watch::Sender<bool>,
-) {
-    let mut stop = shutdown.subscribe();
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>) {
+    let mut stop = ctx.shutdown.subscribe();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -64,23 +74,16 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let broker = broker.clone();
-        let info = info.clone();
-        let shutdown = shutdown.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, &broker, &info, &shutdown).await {
+            if let Err(e) = connection(stream, &ctx).await {
                 tracing::debug!(error = %e, "admin connection failed");
             }
         });
     }
 }
 
-async fn connection(
-    stream: TcpStream,
-    broker: &Broker,
-    info: &ServerInfo,
-    shutdown: &watch::Sender<bool>,
-) -> Result<()> {
+async fn connection(stream: TcpStream, ctx: &AdminCtx) -> Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     let read = tokio::time::timeout(
@@ -93,7 +96,7 @@ async fn connection(
         return Ok(());
     }
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => match handle(req, broker, info, shutdown).await {
+        Ok(req) => match handle(req, ctx).await {
             Ok(data) => json!({ "ok": true, "data": data }),
             Err(e) => json!({ "ok": false, "error": e.to_string() }),
         },
@@ -113,15 +116,26 @@ fn arg<'a>(req: &'a Request, name: &str) -> Result<&'a str> {
         .ok_or_else(|| anyhow!("{} needs argument '{name}'", req.cmd))
 }
 
-async fn handle(
-    req: Request,
-    broker: &Broker,
-    info: &ServerInfo,
-    shutdown: &watch::Sender<bool>,
-) -> Result<Value> {
+async fn handle(req: Request, ctx: &AdminCtx) -> Result<Value> {
+    let broker = ctx.broker.borrow().clone();
     if req.cmd == "status" {
-        return status(broker, info).await;
+        return status(broker.as_deref(), ctx).await;
     }
+    let shutdown = &ctx.shutdown;
+    let Some(broker) = broker else {
+        // An HA server that is not active has no store open, so it cannot
+        // check credentials. Shutdown stays possible (the admin port binds
+        // loopback by default); everything else belongs to the active.
+        if req.cmd == "shutdown" {
+            tracing::info!("shutdown requested through the admin port");
+            let _ = shutdown.send(true);
+            return Ok(json!("shutting down"));
+        }
+        bail!(
+            "this server is not active: run '{}' against the active server's admin port",
+            req.cmd
+        );
+    };
     let security = broker.security().clone();
     if security.enabled() {
         let user = req.user.clone();
@@ -173,9 +187,9 @@ async fn handle(
     }
 }
 
-async fn status(broker: &Broker, info: &ServerInfo) -> Result<Value> {
-    let stats = broker.stats().await?;
-    Ok(json!({
+async fn status(broker: Option<&Broker>, ctx: &AdminCtx) -> Result<Value> {
+    let info = &ctx.info;
+    let mut v = json!({
         "name": info.name,
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
@@ -183,17 +197,41 @@ async fn status(broker: &Broker, info: &ServerInfo) -> Result<Value> {
         "uptime_s": info.started.elapsed().as_secs(),
         "client_addr": info.client_addr,
         "db_path": info.db_path,
-        "store_sequence": stats.store_sequence,
-        "sessions": stats.sessions,
-        "messages_in": stats.messages_in,
-        "messages_out": stats.messages_out,
-        "dead_lettered": stats.dead_lettered,
-        "expired": stats.expired,
-        "queues": stats.queues.iter().map(|q| json!({
-            "name": q.name, "pending": q.pending, "inflight": q.inflight,
-            "consumers": q.consumers, "enqueued": q.enqueued, "dequeued": q.dequeued,
-        })).collect::<Vec<_>>(),
-    }))
+    });
+    if let Some(broker) = broker {
+        let stats = broker.stats().await?;
+        let extra = json!({
+            "store_sequence": stats.store_sequence,
+            "sessions": stats.sessions,
+            "messages_in": stats.messages_in,
+            "messages_out": stats.messages_out,
+            "dead_lettered": stats.dead_lettered,
+            "expired": stats.expired,
+            "queues": stats.queues.iter().map(|q| json!({
+                "name": q.name, "pending": q.pending, "inflight": q.inflight,
+                "consumers": q.consumers, "enqueued": q.enqueued, "dequeued": q.dequeued,
+            })).collect::<Vec<_>>(),
+        });
+        if let (Some(obj), Some(add)) = (v.as_object_mut(), extra.as_object()) {
+            obj.extend(add.clone());
+        }
+    }
+    if let Some(ha) = &ctx.ha {
+        let mut ha = ha.borrow().clone();
+        if let Some(since) = ha.get("since_ms").and_then(Value::as_u64) {
+            let in_state = fmq_broker::message::now_ms().saturating_sub(since);
+            if let Some(obj) = ha.as_object_mut() {
+                obj.insert("in_state_ms".into(), json!(in_state));
+            }
+        }
+        if let Some(obj) = v.as_object_mut() {
+            if let Some(state) = ha.get("state").and_then(Value::as_str) {
+                obj.insert("state".into(), json!(state));
+            }
+            obj.insert("ha".into(), ha);
+        }
+    }
+    Ok(v)
 }
 
 /// Sends one request to a server's admin port and returns its `data`.
@@ -239,11 +277,42 @@ pub fn format_status(v: &Value) -> String {
             .unwrap_or_default()
     };
     let mut out = format!(
-        "Server:       {} {} (pid {})\nState:        {} (up {} s)\nClient port:  {}\nStore:        {} (sequence {})\nSessions:     {}\nMessages:     in {}, out {}, dead-lettered {}, expired {}\n",
-        s("name"), s("version"), s("pid"), s("state"), s("uptime_s"), s("client_addr"),
-        s("db_path"), s("store_sequence"), s("sessions"), s("messages_in"), s("messages_out"),
-        s("dead_lettered"), s("expired"),
+        "Server:       {} {} (pid {})\nState:        {} (up {} s)\nClient port:  {}\n",
+        s("name"),
+        s("version"),
+        s("pid"),
+        s("state"),
+        s("uptime_s"),
+        s("client_addr"),
     );
+    if v.get("store_sequence").is_some() {
+        out.push_str(&format!(
+            "Store:        {} (sequence {})\nSessions:     {}\nMessages:     in {}, out {}, dead-lettered {}, expired {}\n",
+            s("db_path"), s("store_sequence"), s("sessions"), s("messages_in"), s("messages_out"),
+            s("dead_lettered"), s("expired"),
+        ));
+    } else {
+        out.push_str(&format!(
+            "Store:        {} (not open on this server)\n",
+            s("db_path")
+        ));
+    }
+    if let Some(ha) = v.get("ha") {
+        let h = |k: &str| {
+            ha.get(k)
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| x.to_string())
+                })
+                .unwrap_or_default()
+        };
+        out.push_str(&format!(
+            "HA:           {} {} (previous {}, {} ms in state), peer {}\nLock:         holder {}, epoch {}\nGateway:      {}\n",
+            h("role"), h("state"), h("previous"), h("in_state_ms"), h("peer"), h("lock_holder"), h("lock_epoch"),
+            if ha.get("gateway_reachable").and_then(Value::as_bool) == Some(true) { "reachable" } else { "NOT reachable" },
+        ));
+    }
     if let Some(queues) = v.get("queues").and_then(Value::as_array) {
         if !queues.is_empty() {
             out.push_str(&format!(

@@ -9,6 +9,7 @@
 //! ```
 
 mod admin;
+mod ha;
 mod profile;
 mod run;
 

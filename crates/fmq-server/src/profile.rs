@@ -38,6 +38,8 @@ pub struct ProfileFile {
     pub broker: BrokerSection,
     /// `[log]`
     pub log: LogSection,
+    /// `[ha]`: present when this server is one half of an HA pair.
+    pub ha: Option<fmq_ha::HaConfig>,
 }
 
 /// `[server]`
@@ -264,6 +266,22 @@ impl Profile {
         } else {
             self.dir.join(p)
         }
+    }
+
+    /// The `[ha]` section with its lock file resolved against the profile
+    /// directory and canonicalized: the two servers compare the lock file
+    /// path in their handshake, and `HAPrimary/../lock/lock.dat` and
+    /// `HASecondary/../lock/lock.dat` are the same file.
+    pub fn ha(&self) -> Option<fmq_ha::HaConfig> {
+        self.file.ha.clone().map(|mut ha| {
+            if let Some(lock) = &ha.lock_file {
+                if lock.as_os_str() != "null" && !lock.as_os_str().is_empty() {
+                    let path = self.resolve(&lock.to_string_lossy());
+                    ha.lock_file = Some(path.canonicalize().unwrap_or(path));
+                }
+            }
+            ha
+        })
     }
 
     /// Broker settings from the profile.

@@ -22,6 +22,7 @@ fn init_logging(profile: &Profile) -> Result<Option<tracing_appender::non_blocki
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&level));
     let console = tracing_subscriber::fmt::layer()
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_filter(filter());
     if !profile.file.log.file {
         tracing_subscriber::registry().with(console).try_init().ok();
@@ -64,6 +65,56 @@ async fn bind(addr: SocketAddr, what: &str, key: &str) -> Result<TcpListener> {
     })
 }
 
+/// Sets `shutdown` on SIGTERM or SIGINT.
+pub fn stop_on_signals(shutdown: tokio::sync::watch::Sender<bool>) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+        }
+        let _ = shutdown.send(true);
+    });
+}
+
+/// Opens the store and starts a broker on it, creating the initial admin
+/// user on an empty store.
+pub async fn start_broker(
+    profile: &Profile,
+    db_path: &std::path::Path,
+) -> Result<(Arc<Broker>, Arc<dyn Store>)> {
+    let options = RocksOptions {
+        sync: profile.file.store.sync,
+        ..RocksOptions::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(
+        RocksStore::open(db_path, options)
+            .map_err(|e| anyhow!("cannot open store {}: {e}", db_path.display()))?,
+    );
+    let broker = Arc::new(Broker::start(store.clone(), profile.broker_config())?);
+    let sec = &profile.file.security;
+    if sec.authentication
+        && broker
+            .security()
+            .bootstrap(&sec.initial_admin_user, &sec.initial_admin_password)
+            .await?
+    {
+        tracing::warn!(
+            user = %sec.initial_admin_user,
+            "created the initial admin user from the profile; change its password with `fmq user passwd {}`",
+            sec.initial_admin_user
+        );
+    }
+    Ok((broker, store))
+}
+
 /// Runs a server until SIGTERM, SIGINT or an admin shutdown.
 pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()> {
     let dir = profile::locate(profile_name)?;
@@ -83,59 +134,27 @@ pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()>
     let db_path = db_override.unwrap_or_else(|| profile.resolve(&profile.file.store.db_path));
     std::fs::create_dir_all(&db_path)
         .with_context(|| format!("cannot create store directory {}", db_path.display()))?;
-    let options = RocksOptions {
-        sync: profile.file.store.sync,
-        ..RocksOptions::default()
-    };
-    let store: Arc<dyn Store> = Arc::new(
-        RocksStore::open(&db_path, options)
-            .map_err(|e| anyhow!("cannot open store {}: {e}", db_path.display()))?,
-    );
-    let broker = Arc::new(Broker::start(store.clone(), profile.broker_config())?);
-    let sec = &profile.file.security;
-    if sec.authentication
-        && broker
-            .security()
-            .bootstrap(&sec.initial_admin_user, &sec.initial_admin_password)
-            .await?
-    {
-        tracing::warn!(
-            user = %sec.initial_admin_user,
-            "created the initial admin user from the profile; change its password with `fmq user passwd {}`",
-            sec.initial_admin_user
-        );
-    }
-    let shutdown = broker.shutdown_handle();
+    let db_path = db_path.canonicalize().unwrap_or(db_path);
     let info = ServerInfo {
         name: profile.file.server.name.clone(),
         client_addr: client_addr.to_string(),
         db_path: db_path.display().to_string(),
         started: Instant::now(),
     };
-    tokio::spawn(admin::serve(
-        admin_listener,
-        broker.clone(),
-        info,
-        shutdown.clone(),
-    ));
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot watch SIGTERM");
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
-            }
-            let _ = shutdown.send(true);
-        });
+    if let Some(ha) = profile.ha() {
+        return crate::ha::run(&profile, ha, client, admin_listener, db_path, info).await;
     }
+    let (broker, store) = start_broker(&profile, &db_path).await?;
+    let shutdown = broker.shutdown_handle();
+    let (_broker_tx, broker_rx) = tokio::sync::watch::channel(Some(broker.clone()));
+    let ctx = admin::AdminCtx {
+        broker: broker_rx,
+        ha: None,
+        info,
+        shutdown: shutdown.clone(),
+    };
+    tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
+    stop_on_signals(shutdown);
     tracing::info!(
         "FerroMQ server '{}' started on profile {}: STOMP on {client_addr}, admin on {admin_addr}, store {} (sequence {})",
         profile.file.server.name,

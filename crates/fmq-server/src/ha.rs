@@ -1,0 +1,352 @@
+//! Running one half of an HA pair: the runtime around `fmq_ha::machine`.
+//!
+//! One task owns the state machine and carries out its actions against the
+//! lock file, the gateway monitor, the heartbeat channel and the store. The
+//! client port stays bound the whole time: while this server is not active
+//! every connection gets a STOMP ERROR naming the state, so a client moves
+//! on to the other server at once instead of timing out.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use fmq_broker::Broker;
+use fmq_ha::gateway::{GatewayMonitor, MonitorConfig};
+use fmq_ha::heartbeat::{Channel, LinkEvent};
+use fmq_ha::lock::LockFile;
+use fmq_ha::machine::{Action, Event, Machine, Timer, Timings};
+use fmq_ha::{HaConfig, Mode, State};
+use fmq_store::Store;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminCtx, ServerInfo};
+use crate::profile::Profile;
+use crate::run::{start_broker, stop_on_signals};
+
+/// The broker while this server is active.
+struct Active {
+    broker: Arc<Broker>,
+    store: Arc<dyn Store>,
+}
+
+/// Runs an HA server until SIGTERM, SIGINT, an admin shutdown, or a fatal
+/// HA error (a refused handshake: mismatched settings).
+pub async fn run(
+    profile: &Profile,
+    ha: HaConfig,
+    client: TcpListener,
+    admin_listener: TcpListener,
+    db_path: PathBuf,
+    info: ServerInfo,
+) -> Result<()> {
+    if ha.mode != Mode::Shared {
+        return Err(anyhow!(
+            "ha.mode = \"replicated\" is not available yet in this version; use \"shared\""
+        ));
+    }
+    ha.validate()?;
+    let lock_path = ha.lock_file.clone().unwrap_or_default();
+    let mut lock = LockFile::open(&lock_path)?;
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let server_name = format!("{}@{}:{}", ha.role.title(), host, std::process::id());
+
+    let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
+    let (status_tx, status_rx) = watch::channel(json!({}));
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let ctx = AdminCtx {
+        broker: broker_rx.clone(),
+        ha: Some(status_rx),
+        info: info.clone(),
+        shutdown: shutdown_tx.clone(),
+    };
+    tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
+    stop_on_signals(shutdown_tx.clone());
+    let (state_tx, state_rx) = watch::channel(State::Passive);
+    let acceptor = tokio::spawn(accept_loop(client, broker_rx, state_rx));
+
+    tracing::info!(
+        "FerroMQ HA server '{}' ({} of cluster '{}', shared mode): STOMP on {}, HA port {}:{}, lock file {}, gateway {}:{}",
+        info.name,
+        ha.role,
+        ha.cluster_name,
+        info.client_addr,
+        ha.bind_address,
+        ha.port,
+        lock_path.display(),
+        ha.gateway_server_ip_address,
+        ha.gateway_server_port
+    );
+
+    let (channel, mut links) = Channel::start(&ha, server_name.clone());
+    let gateway = GatewayMonitor::start(MonitorConfig::from_ha(&ha, &server_name));
+    let mut gateway_rx = gateway.subscribe();
+    let mut machine = Machine::new(
+        ha.role,
+        Timings {
+            active_lock_ms: ha.active_lock_reacquisition_interval,
+            passive_lock_ms: ha.passive_lock_reacquisition_interval,
+            max_wait_ms: ha.max_wait_timeout,
+        },
+    );
+    let mut timers: HashMap<Timer, tokio::time::Instant> = HashMap::new();
+    let mut events: VecDeque<Event> = VecDeque::from([Event::Start]);
+    let mut active: Option<Active> = None;
+    let mut since = Instant::now();
+    let mut fatal: Option<anyhow::Error> = None;
+
+    'run: loop {
+        while let Some(event) = events.pop_front() {
+            let before = machine.state();
+            for action in machine.handle(event) {
+                match action {
+                    Action::TryLock => events.push_back(match lock.try_acquire() {
+                        Ok(true) => match lock.take_over(&server_name) {
+                            Ok(epoch) => {
+                                tracing::info!(
+                                    "Successfully acquired lock on :: {}",
+                                    lock_path.display()
+                                );
+                                Event::LockAcquired { epoch }
+                            }
+                            Err(e) => Event::LockLost {
+                                reason: e.to_string(),
+                            },
+                        },
+                        Ok(false) => Event::LockBusy,
+                        Err(e) => Event::LockLost {
+                            reason: e.to_string(),
+                        },
+                    }),
+                    Action::VerifyLock => {
+                        events.push_back(match lock.verify(&server_name, machine.epoch()) {
+                            Ok(true) => Event::LockVerified,
+                            Ok(false) => Event::LockLost {
+                                reason: "the lock file no longer names this server and epoch"
+                                    .into(),
+                            },
+                            Err(e) => Event::LockLost {
+                                reason: e.to_string(),
+                            },
+                        })
+                    }
+                    Action::ReleaseLock => {
+                        if let Err(e) = lock.release() {
+                            tracing::warn!(error = %e, "releasing the lock failed");
+                        }
+                    }
+                    Action::OpenStore => {
+                        events.push_back(match start_broker(profile, &db_path).await {
+                            Ok((broker, store)) => {
+                                tracing::info!(
+                                    sequence = store.last_sequence(),
+                                    "shared store opened"
+                                );
+                                let _ = broker_tx.send(Some(broker.clone()));
+                                active = Some(Active { broker, store });
+                                Event::ServicesActivated
+                            }
+                            Err(e) => Event::ServicesFailed {
+                                reason: format!("{e:#}"),
+                            },
+                        })
+                    }
+                    Action::CloseStore => {
+                        let _ = broker_tx.send(None);
+                        if let Some(a) = active.take() {
+                            close(a).await;
+                        }
+                    }
+                    Action::AcceptClients | Action::RefuseClients => {}
+                    Action::Broadcast { current, previous } => {
+                        channel.broadcast_state(current, previous)
+                    }
+                    Action::Schedule { timer, after_ms } => {
+                        timers.insert(
+                            timer,
+                            tokio::time::Instant::now() + Duration::from_millis(after_ms),
+                        );
+                    }
+                    Action::Log(line) => tracing::info!("{line}"),
+                }
+            }
+            if machine.state() != before {
+                since = Instant::now();
+            }
+            let _ = state_tx.send(machine.state());
+            publish(&status_tx, &machine, &lock, &ha, since);
+        }
+        let next = timers
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(t, at)| (*t, *at));
+        tokio::select! {
+            link = links.recv() => match link {
+                Some(LinkEvent::Up { peer }) => {
+                    tracing::info!(%peer, "HA link to the backup server is up");
+                    events.push_back(Event::LinkUp);
+                }
+                Some(LinkEvent::Down { reason }) => {
+                    tracing::info!(%reason, "HA link to the backup server is down");
+                    events.push_back(Event::LinkDown);
+                }
+                Some(LinkEvent::PeerState { current, previous }) => events.push_back(Event::PeerState { current, previous }),
+                Some(LinkEvent::Refused(e)) => {
+                    tracing::error!("{e}");
+                    fatal = Some(anyhow!("{e}"));
+                    break 'run;
+                }
+                Some(_) => {}
+                None => {
+                    fatal = Some(anyhow!("the HA channel stopped"));
+                    break 'run;
+                }
+            },
+            changed = gateway_rx.changed() => {
+                if changed.is_ok() {
+                    events.push_back(if *gateway_rx.borrow_and_update() { Event::GatewayReachable } else { Event::GatewayUnreachable });
+                }
+            }
+            _ = sleep_until(next.map(|(_, at)| at)) => {
+                if let Some((timer, _)) = next {
+                    timers.remove(&timer);
+                    events.push_back(Event::Timer(timer));
+                }
+            }
+            _ = shutdown_rx.wait_for(|s| *s) => break 'run,
+        }
+    }
+
+    // Stop serving, close the store, give up the lock, tell the peer.
+    let _ = broker_tx.send(None);
+    acceptor.abort();
+    if let Some(a) = active.take() {
+        close(a).await;
+    }
+    let _ = lock.release();
+    channel.broadcast_state(State::Dead, machine.state());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    channel.shutdown().await;
+    gateway.stop().await;
+    match fatal {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("FerroMQ server stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stops the broker and waits (up to 5 s) until nothing holds the store any
+/// more, so the other server can open it.
+async fn close(active: Active) {
+    let Active { broker, store } = active;
+    let _ = broker.shutdown_handle().send(true);
+    if let Err(e) = broker.shutdown().await {
+        tracing::warn!(error = %e, "closing the store reported an error");
+    }
+    drop(broker);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Arc::strong_count(&store) > 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if Arc::strong_count(&store) > 1 {
+        tracing::warn!("the store is still in use 5 s after the broker stopped");
+    }
+    drop(store);
+    tracing::info!("shared store closed");
+}
+
+fn publish(
+    status: &watch::Sender<serde_json::Value>,
+    m: &Machine,
+    lock: &LockFile,
+    ha: &HaConfig,
+    since: Instant,
+) {
+    let holder = lock.read_holder().ok().flatten();
+    let _ = status.send(json!({
+        "role": ha.role.title().to_lowercase(),
+        "mode": "shared",
+        "state": m.state().as_str(),
+        "previous": m.previous().as_str(),
+        "peer": m.peer().as_str(),
+        "lock_holder": holder.as_ref().map(|h| h.server.clone()),
+        "lock_epoch": holder.as_ref().map(|h| h.epoch),
+        "epoch": m.epoch(),
+        "holds_lock": m.holds_lock(),
+        "gateway_reachable": m.gateway_reachable(),
+        "link_up": m.link_up(),
+        "since_ms": fmq_broker::message::now_ms().saturating_sub(since.elapsed().as_millis() as u64),
+    }));
+}
+
+/// Owns the client port: connections go to the broker while this server
+/// serves, and get a STOMP ERROR naming the state otherwise.
+async fn accept_loop(
+    listener: TcpListener,
+    broker: watch::Receiver<Option<Arc<Broker>>>,
+    state: watch::Receiver<State>,
+) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let current = *state.borrow();
+        let serving = broker
+            .borrow()
+            .clone()
+            .filter(|_| current.accepts_clients());
+        match serving {
+            Some(b) => {
+                b.spawn_session(stream);
+            }
+            None => {
+                tokio::spawn(refuse(stream, current));
+            }
+        }
+    }
+}
+
+/// Answers a connection with an ERROR naming our state, after reading its
+/// CONNECT (so the client sees the frame rather than a reset).
+async fn refuse(mut stream: TcpStream, state: State) {
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) if buf[..n].contains(&0) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let message =
+        format!("server is {state}: it does not accept clients now; connect to the active server");
+    let frame = fmq_proto::Frame::error(&message, "this server is the standby of an HA pair");
+    let mut out = bytes::BytesMut::new();
+    let mut codec = fmq_proto::StompCodec::default();
+    if tokio_util::codec::Encoder::encode(&mut codec, frame, &mut out).is_ok() {
+        let _ = stream.write_all(&out).await;
+    }
+    let _ = stream.shutdown().await;
+}
