@@ -1,0 +1,921 @@
+//! Shared-storage HA under network faults: the gateway, the primary and the
+//! secondary each run in a network namespace of their own, created by the
+//! test, and the faults are links set down with `ip link`.
+//!
+//! Topology (all addresses exist only inside these namespaces):
+//!
+//! ```text
+//!   A (primary)  ab 10.251.3.1/30 ---- 10.251.3.2/30 ba  B (secondary)
+//!   lo 10.251.10.1/32                                    lo 10.251.10.2/32
+//!      ag 10.251.1.1/30                        bg 10.251.2.1/30
+//!           |                                       |
+//!      ga 10.251.1.2/30     G (gateway)     gb 10.251.2.2/30
+//!                        lo 10.251.10.3/32
+//! ```
+//!
+//! Each process binds its service address (on its namespace's `lo`, so the
+//! admin port still answers `ip netns exec NS fmq status` when every link of
+//! the namespace is down); host routes send each service address over the
+//! direct link, so a link set down makes the other side unreachable at once.
+//! The store directory and the lock file are on the host filesystem, shared
+//! by both servers as in `profiles/FerroMQ_HA_shared`.
+//!
+//! - an ACTIVE cut off from everything steps down and the other takes over;
+//! - a heartbeat partition alone (both reach the gateway) changes nothing;
+//! - a PASSIVE that cannot reach the gateway never takes over, even with the
+//!   lock free, and does once the gateway is back.
+//!
+//! The tests need root (network namespaces); without it they FAIL. They run
+//! one at a time (a file-wide mutex).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command as ProcessCommand, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fmq_tests::{fmq_bin, tail_file};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const PRIMARY: usize = 0;
+const SECONDARY: usize = 1;
+const GATEWAY_PORT: u16 = 7007;
+const GATEWAY_IP: &str = "10.251.10.3";
+const PING_MS: u64 = 100;
+const ACTIVE_LOCK_MS: u64 = 200;
+const PASSIVE_LOCK_MS: u64 = 500;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One test at a time in this file.
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `ip ARGS`; an error with its output if it fails.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = ProcessCommand::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run ip {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// One end of a point-to-point link: namespace index, device, its /30
+/// address, and the host route (service address of the far side, via the
+/// far end's address) that uses it.
+#[derive(Debug, Clone, Copy)]
+struct End {
+    ns: usize,
+    dev: &'static str,
+    addr: &'static str,
+    route_to: &'static str,
+    via: &'static str,
+}
+
+const NS_A: usize = 0;
+const NS_B: usize = 1;
+const NS_G: usize = 2;
+
+/// Service addresses (on `lo`) of A, B and G.
+const SERVICE: [&str; 3] = ["10.251.10.1", "10.251.10.2", GATEWAY_IP];
+
+/// The three links, each as its two ends.
+const LINKS: [[End; 2]; 3] = [
+    [
+        End {
+            ns: NS_A,
+            dev: "ag",
+            addr: "10.251.1.1/30",
+            route_to: GATEWAY_IP,
+            via: "10.251.1.2",
+        },
+        End {
+            ns: NS_G,
+            dev: "ga",
+            addr: "10.251.1.2/30",
+            route_to: "10.251.10.1",
+            via: "10.251.1.1",
+        },
+    ],
+    [
+        End {
+            ns: NS_B,
+            dev: "bg",
+            addr: "10.251.2.1/30",
+            route_to: GATEWAY_IP,
+            via: "10.251.2.2",
+        },
+        End {
+            ns: NS_G,
+            dev: "gb",
+            addr: "10.251.2.2/30",
+            route_to: "10.251.10.2",
+            via: "10.251.2.1",
+        },
+    ],
+    [
+        End {
+            ns: NS_A,
+            dev: "ab",
+            addr: "10.251.3.1/30",
+            route_to: "10.251.10.2",
+            via: "10.251.3.2",
+        },
+        End {
+            ns: NS_B,
+            dev: "ba",
+            addr: "10.251.3.2/30",
+            route_to: "10.251.10.1",
+            via: "10.251.3.1",
+        },
+    ],
+];
+const LINK_AG: usize = 0;
+const LINK_BG: usize = 1;
+const LINK_AB: usize = 2;
+
+static NET_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The namespaces of one test; deleted on drop.
+#[derive(Debug)]
+struct Net {
+    names: Vec<String>,
+}
+
+impl Net {
+    fn new() -> Net {
+        let tag = format!(
+            "t11-{}-{}",
+            std::process::id(),
+            NET_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut net = Net { names: Vec::new() };
+        for letter in ["A", "B", "G"] {
+            let name = format!("fmq{letter}-{tag}");
+            if let Err(e) = ip(&["netns", "add", &name]) {
+                panic!(
+                    "cannot create network namespace {name}: these tests need root \
+                     (CAP_SYS_ADMIN and CAP_NET_ADMIN) and the `ip` tool: {e:#}"
+                );
+            }
+            net.names.push(name);
+        }
+        net.build().expect("set up the namespaces' links");
+        net
+    }
+
+    fn ns(&self, i: usize) -> &str {
+        &self.names[i]
+    }
+
+    fn build(&self) -> Result<()> {
+        for (i, addr) in SERVICE.iter().enumerate() {
+            let ns = self.ns(i);
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
+        }
+        for [x, y] in LINKS {
+            ip(&[
+                "-n",
+                self.ns(x.ns),
+                "link",
+                "add",
+                x.dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                y.dev,
+                "netns",
+                self.ns(y.ns),
+            ])?;
+            for e in [x, y] {
+                ip(&["-n", self.ns(e.ns), "addr", "add", e.addr, "dev", e.dev])?;
+            }
+        }
+        for l in 0..LINKS.len() {
+            self.link_up(l)?;
+        }
+        Ok(())
+    }
+
+    /// Sets one end down (its routes go with it).
+    fn end_down(&self, e: End) -> Result<()> {
+        ip(&["-n", self.ns(e.ns), "link", "set", e.dev, "down"])
+    }
+
+    /// Sets one end up and (re)installs its host route.
+    fn end_up(&self, e: End) -> Result<()> {
+        let ns = self.ns(e.ns);
+        ip(&["-n", ns, "link", "set", e.dev, "up"])?;
+        ip(&[
+            "-n", ns, "route", "replace", e.route_to, "via", e.via, "dev", e.dev,
+        ])
+    }
+
+    fn link_down(&self, l: usize) -> Result<()> {
+        self.end_down(LINKS[l][0])?;
+        self.end_down(LINKS[l][1])
+    }
+
+    fn link_up(&self, l: usize) -> Result<()> {
+        self.end_up(LINKS[l][0])?;
+        self.end_up(LINKS[l][1])
+    }
+
+    /// Every link of namespace `ns` down, at its own end.
+    fn isolate(&self, ns: usize) -> Result<()> {
+        for link in LINKS {
+            for e in link {
+                if e.ns == ns {
+                    self.end_down(e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for n in &self.names {
+            if let Err(e) = ip(&["netns", "del", n]) {
+                eprintln!("cleanup: {e:#}");
+            }
+        }
+    }
+}
+
+/// A process in a namespace (`ip netns exec` execs it, so the pid is the
+/// process itself), SIGKILLed and reaped on drop.
+#[derive(Debug)]
+struct Proc {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &str, args: &[&str], out: PathBuf, err: PathBuf) -> Result<Proc> {
+        let child = ProcessCommand::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(fmq_bin())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(File::create(&out)?)
+            .stderr(File::create(&err)?)
+            .spawn()
+            .context("spawn ip netns exec fmq")?;
+        Ok(Proc { child, out, err })
+    }
+
+    fn tail(&self, lines: usize) -> String {
+        format!(
+            "--- {} ---\n{}\n--- {} ---\n{}",
+            self.out.display(),
+            tail_file(&self.out, lines),
+            self.err.display(),
+            tail_file(&self.err, lines)
+        )
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One server of the pair.
+#[derive(Debug)]
+struct Node {
+    name: &'static str,
+    ns: String,
+    ip: &'static str,
+    admin: u16,
+    proc_: Option<Proc>,
+}
+
+/// `fmq status --json` of a server, run inside its namespace, with a
+/// deadline; the parsed output or `None`.
+fn ns_status(ns: &str, ip: &str, admin: u16, wait: Duration) -> Option<Value> {
+    let port = admin.to_string();
+    let mut child = ProcessCommand::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(fmq_bin())
+        .args([
+            "status",
+            "--admin-host",
+            ip,
+            "--admin-port",
+            &port,
+            "--json",
+        ])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + wait;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    let mut text = String::new();
+    child.stdout.take()?.read_to_string(&mut text).ok()?;
+    if !status.success() {
+        return None;
+    }
+    serde_json::from_str(&text).ok()
+}
+
+/// The whole set-up of one test. Drop order: the processes (fields of
+/// `nodes` and `gateway`) before the namespaces (`net`, last field).
+#[derive(Debug)]
+struct Pair {
+    nodes: [Node; 2],
+    gateway: Option<Proc>,
+    root: tempfile::TempDir,
+    net: Net,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let net = Net::new();
+        let root = tempfile::Builder::new()
+            .prefix("fmq-ha-netns-")
+            .tempdir()
+            .expect("temp dir");
+        let mk = |name, ns: usize, admin| Node {
+            name,
+            ns: net.ns(ns).to_owned(),
+            ip: SERVICE[ns],
+            admin,
+            proc_: None,
+        };
+        let nodes = [mk("HAPrimary", NS_A, 1858), mk("HASecondary", NS_B, 1859)];
+        let pair = Pair {
+            nodes,
+            gateway: None,
+            root,
+            net,
+        };
+        std::fs::create_dir_all(pair.root.path().join("run/db")).expect("mkdir db");
+        std::fs::create_dir_all(pair.root.path().join("lock")).expect("mkdir lock");
+        File::create(pair.root.path().join("lock/lock.dat")).expect("create lock file");
+        for i in [PRIMARY, SECONDARY] {
+            let dir = pair.root.path().join(pair.nodes[i].name);
+            std::fs::create_dir_all(&dir).expect("mkdir profile");
+            std::fs::write(dir.join("fmq.toml"), pair.profile(i)).expect("write profile");
+        }
+        pair
+    }
+
+    /// The profile of server `i`: the shipped keys, bound to its namespace.
+    fn profile(&self, i: usize) -> String {
+        let (me, peer) = (&self.nodes[i], &self.nodes[1 - i]);
+        let (port, ha, role) = if i == PRIMARY {
+            (1856, 2000, "primary")
+        } else {
+            (1956, 3000, "secondary")
+        };
+        let (peer_port, peer_ha) = if i == PRIMARY {
+            (1956, 3000)
+        } else {
+            (1856, 2000)
+        };
+        let db = self.root.path().join("run/db");
+        let lock = self.root.path().join("lock/lock.dat");
+        format!(
+            r#"[server]
+name = "FerroMQ"
+
+[network]
+bind_address = "{ip}"
+port = {port}
+admin_bind_address = "{ip}"
+admin_port = {admin}
+max_connections = 10000
+connect_timeout_ms = 10000
+heart_beat_ms = [10000, 10000]
+
+[store]
+db_path = {db:?}
+sync = true
+
+[security]
+authentication = true
+initial_admin_user = "admin"
+initial_admin_password = "passwd"
+
+[broker]
+default_prefetch = 100
+max_redeliveries = 6
+dead_letter_queue = "DLQ"
+expiry_sweep_ms = 5000
+max_frame_size = 16777216
+max_headers = 1000
+max_header_length = 10240
+max_transaction_frames = 100000
+
+[log]
+dir = "run/logs"
+file = false
+level = "info"
+
+[ha]
+mode = "shared"
+role = "{role}"
+cluster_name = "FerroMQ"
+bind_address = "{ip}"
+port = {ha}
+backup_ha_ip_address = "{peer_ip}"
+backup_ha_port = {peer_ha}
+backup_server_ip = "{peer_ip}"
+backup_server_port = {peer_port}
+backup_rmi_server_port = {peer_admin}
+ping_interval = {PING_MS}
+lock_file = {lock:?}
+gateway_server_ip_address = "{GATEWAY_IP}"
+gateway_server_port = {GATEWAY_PORT}
+active_lock_reacquisition_interval = {ACTIVE_LOCK_MS}
+passive_lock_reacquisition_interval = {PASSIVE_LOCK_MS}
+socket_creation_timeout = 1000
+socket_initialization_timeout = 2000
+nagle_algo = false
+max_wait_timeout = 10000
+"#,
+            ip = me.ip,
+            admin = me.admin,
+            db = db.display().to_string(),
+            lock = lock.display().to_string(),
+            peer_ip = peer.ip,
+            peer_admin = peer.admin,
+        )
+    }
+
+    fn start_gateway(&mut self) -> Result<()> {
+        let root = self.root.path();
+        let listen = format!("{GATEWAY_IP}:{GATEWAY_PORT}");
+        let gw = Proc::spawn(
+            self.net.ns(NS_G),
+            &["gateway", "--listen", &listen],
+            root.join("gateway.out"),
+            root.join("gateway.err"),
+        )?;
+        self.gateway = Some(gw);
+        Ok(())
+    }
+
+    /// Spawns server `i` and waits until its admin port answers.
+    fn start(&mut self, i: usize) -> Result<()> {
+        let root = self.root.path().to_path_buf();
+        let node = &mut self.nodes[i];
+        let dir = root.join(node.name).display().to_string();
+        node.proc_ = Some(Proc::spawn(
+            &node.ns,
+            &["-profile", &dir],
+            root.join(format!("{}.out", node.name)),
+            root.join(format!("{}.err", node.name)),
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.nodes[i].proc_.as_mut().is_some_and(Proc::exited) {
+                bail!(
+                    "{} exited during start-up:\n{}",
+                    self.nodes[i].name,
+                    self.logs()
+                );
+            }
+            if self.status(i, Duration::from_millis(1000)).is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not answer status within 30 s:\n{}",
+                    self.nodes[i].name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn start_all(&mut self) -> Result<()> {
+        self.start_gateway()?;
+        self.start(PRIMARY)?;
+        self.start(SECONDARY)
+    }
+
+    fn kill9(&mut self, i: usize) {
+        drop(self.nodes[i].proc_.take());
+    }
+
+    fn status(&self, i: usize, wait: Duration) -> Option<Value> {
+        let n = &self.nodes[i];
+        ns_status(&n.ns, n.ip, n.admin, wait)
+    }
+
+    /// `ha` object of server `i`; an error if it does not answer.
+    fn ha(&self, i: usize) -> Result<Value> {
+        self.status(i, Duration::from_millis(1000))
+            .map(|v| v["ha"].clone())
+            .ok_or_else(|| anyhow!("{} does not answer status", self.nodes[i].name))
+    }
+
+    fn state(&self, i: usize) -> Option<String> {
+        self.status(i, Duration::from_millis(1000))
+            .and_then(|v| v["ha"]["state"].as_str().map(str::to_owned))
+    }
+
+    /// Waits until exactly one server is ACTIVE and the other PASSIVE;
+    /// returns (active, passive).
+    fn wait_roles(&self, within: Duration) -> Result<(usize, usize)> {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = [self.state(PRIMARY), self.state(SECONDARY)];
+            match (s[0].as_deref(), s[1].as_deref()) {
+                (Some("ACTIVE"), Some("PASSIVE")) => return Ok((PRIMARY, SECONDARY)),
+                (Some("PASSIVE"), Some("ACTIVE")) => return Ok((SECONDARY, PRIMARY)),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no ACTIVE/PASSIVE pair within {within:?} (primary {:?}, secondary {:?}):\n{}",
+                    s[0],
+                    s[1],
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `pred` holds for the `ha` object of server `i`; returns
+    /// how long it took.
+    fn wait_ha(
+        &self,
+        i: usize,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = Value::Null;
+        loop {
+            if let Some(v) = self.status(i, Duration::from_millis(500)) {
+                if pred(&v["ha"]) {
+                    return Ok(start.elapsed());
+                }
+                last = v["ha"].clone();
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "{}: not {what} within {within:?} (last ha: {last}):\n{}",
+                    self.nodes[i].name,
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn wait_state(&self, i: usize, state: &str, within: Duration) -> Result<Duration> {
+        self.wait_ha(i, state, within, |ha| ha["state"] == state)
+    }
+
+    /// Both servers see the HA link up.
+    fn wait_link_up(&self, within: Duration) -> Result<()> {
+        for i in [PRIMARY, SECONDARY] {
+            self.wait_ha(i, "link_up", within, |ha| ha["link_up"] == true)?;
+        }
+        Ok(())
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            let root = self.root.path();
+            s += &format!(
+                "===== {}{}\n{}\n{}\n",
+                n.name,
+                if n.proc_.is_some() {
+                    ""
+                } else {
+                    " (not running)"
+                },
+                tail_file(&root.join(format!("{}.out", n.name)), 40),
+                tail_file(&root.join(format!("{}.err", n.name)), 40)
+            );
+        }
+        if let Some(g) = &self.gateway {
+            s += &format!("===== gateway\n{}\n", g.tail(10));
+        }
+        s
+    }
+}
+
+/// One status poll: when, and the state (`None`: no answer).
+type Sample = (Duration, Option<String>);
+
+/// Polls server `i` every 50 ms until `stop`.
+fn sampler(
+    ns: String,
+    ip: &'static str,
+    admin: u16,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Sample>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let state = ns_status(&ns, ip, admin, Duration::from_millis(300))
+                .and_then(|s| s["ha"]["state"].as_str().map(str::to_owned));
+            v.push((t0.elapsed(), state));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        v
+    })
+}
+
+fn start_sampler(
+    pair: &Pair,
+    i: usize,
+    t0: Instant,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Sample>> {
+    let n = &pair.nodes[i];
+    sampler(n.ns.clone(), n.ip, n.admin, t0, stop.clone())
+}
+
+/// The longest time both servers' latest answers said ACTIVE.
+fn longest_double_active(a: &[Sample], b: &[Sample]) -> Duration {
+    let mut events: Vec<(Duration, usize, bool)> = a
+        .iter()
+        .map(|(t, s)| (*t, 0, s.as_deref() == Some("ACTIVE")))
+        .chain(
+            b.iter()
+                .map(|(t, s)| (*t, 1, s.as_deref() == Some("ACTIVE"))),
+        )
+        .collect();
+    events.sort_by_key(|e| e.0);
+    let mut cur = [false, false];
+    let mut since: Option<Duration> = None;
+    let mut longest = Duration::ZERO;
+    for (t, who, active) in events {
+        cur[who] = active;
+        match (cur[0] && cur[1], since) {
+            (true, None) => since = Some(t),
+            (false, Some(s)) => {
+                longest = longest.max(t - s);
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(s), Some(end)) = (since, a.last().zip(b.last()).map(|(x, y)| x.0.max(y.0))) {
+        longest = longest.max(end - s);
+    }
+    longest
+}
+
+/// The state changes of a sample series, for messages.
+fn show(v: &[Sample]) -> String {
+    let mut out = String::new();
+    let mut last: Option<&Option<String>> = None;
+    for (t, s) in v {
+        if last != Some(s) {
+            out += &format!(" {}ms:{}", t.as_millis(), s.as_deref().unwrap_or("-"));
+            last = Some(s);
+        }
+    }
+    out
+}
+
+/// The first sample at or after `from` with state `state`.
+fn first_at(v: &[Sample], from: Duration, state: &str) -> Option<Duration> {
+    v.iter()
+        .find(|(t, s)| *t >= from && s.as_deref() == Some(state))
+        .map(|(t, _)| *t)
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn active_isolated_from_everything_steps_down_and_the_other_takes_over() -> Result<()> {
+    let _serial = serial();
+    let mut pair = Pair::new();
+    pair.start_all()?;
+    let (active, passive) = pair.wait_roles(Duration::from_secs(10))?;
+    pair.wait_link_up(Duration::from_secs(5))?;
+
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sa = start_sampler(&pair, active, t0, &stop);
+    let sp = start_sampler(&pair, passive, t0, &stop);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let cut_at = t0.elapsed();
+    let ns = if active == PRIMARY { NS_A } else { NS_B };
+    pair.net.isolate(ns)?;
+    let stepped = pair.wait_state(active, "PASSIVE", Duration::from_secs(5));
+    let took = pair.wait_state(passive, "ACTIVE", Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let a = sa.join().map_err(|_| anyhow!("sampler panicked"))?;
+    let p = sp.join().map_err(|_| anyhow!("sampler panicked"))?;
+    println!(
+        "isolated {} at {} ms\n  {} (isolated):{}\n  {}:{}",
+        pair.nodes[active].name,
+        cut_at.as_millis(),
+        pair.nodes[active].name,
+        show(&a),
+        pair.nodes[passive].name,
+        show(&p)
+    );
+    stepped?;
+    took?;
+
+    let down = first_at(&a, cut_at, "PASSIVE")
+        .ok_or_else(|| anyhow!("the sampler never saw the isolated server PASSIVE"))?
+        - cut_at;
+    let up = first_at(&p, cut_at, "ACTIVE")
+        .ok_or_else(|| anyhow!("the sampler never saw the other server ACTIVE"))?
+        - cut_at;
+    println!(
+        "stepped down after {} ms, other ACTIVE after {} ms",
+        down.as_millis(),
+        up.as_millis()
+    );
+    assert!(
+        down <= Duration::from_millis(2500),
+        "the isolated ACTIVE stepped down only after {down:?}:\n{}",
+        pair.logs()
+    );
+    assert!(
+        up <= Duration::from_millis(3500),
+        "the other server became ACTIVE only after {up:?}:\n{}",
+        pair.logs()
+    );
+    assert!(
+        a.iter()
+            .filter(|(t, _)| *t >= cut_at)
+            .all(|(_, s)| s.is_some()),
+        "the isolated server stopped answering status locally:{}",
+        show(&a)
+    );
+    let double = longest_double_active(&a, &p);
+    assert!(
+        double <= Duration::from_secs(1),
+        "both ACTIVE for {double:?}:\n{}",
+        pair.logs()
+    );
+    // The isolated server knows why, and stays PASSIVE.
+    let ha = pair.ha(active)?;
+    assert_eq!(ha["state"], "PASSIVE", "{ha}");
+    assert_eq!(ha["gateway_reachable"], false, "{ha}");
+    assert_eq!(ha["link_up"], false, "{ha}");
+    let ha = pair.ha(passive)?;
+    assert_eq!(ha["state"], "ACTIVE", "{ha}");
+    assert_eq!(ha["gateway_reachable"], true, "{ha}");
+    Ok(())
+}
+
+#[test]
+fn heartbeat_partition_only_keeps_exactly_one_serving() -> Result<()> {
+    let _serial = serial();
+    let mut pair = Pair::new();
+    pair.start_all()?;
+    let (active, passive) = pair.wait_roles(Duration::from_secs(10))?;
+    pair.wait_link_up(Duration::from_secs(5))?;
+
+    let cut = Instant::now();
+    pair.net.link_down(LINK_AB)?;
+    let mut seen_down = [false, false];
+    while cut.elapsed() < Duration::from_secs(3) {
+        for (i, want) in [(active, "ACTIVE"), (passive, "PASSIVE")] {
+            let ha = pair.ha(i)?;
+            assert_eq!(
+                ha["state"],
+                want,
+                "{} changed state during the heartbeat partition ({} ms in): {ha}\n{}",
+                pair.nodes[i].name,
+                cut.elapsed().as_millis(),
+                pair.logs()
+            );
+            assert_eq!(ha["gateway_reachable"], true, "{ha}");
+            if ha["link_up"] == false {
+                seen_down[i] = true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        seen_down,
+        [true, true],
+        "link_up never went false on both sides during the partition:\n{}",
+        pair.logs()
+    );
+
+    let healed = Instant::now();
+    pair.net.link_up(LINK_AB)?;
+    pair.wait_link_up(Duration::from_secs(10))?;
+    println!(
+        "link_up again {} ms after healing",
+        healed.elapsed().as_millis()
+    );
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        assert_eq!(pair.wait_roles(Duration::ZERO)?, (active, passive));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (i, peer) in [(active, "PASSIVE"), (passive, "ACTIVE")] {
+        pair.wait_ha(i, &format!("peer {peer}"), Duration::from_secs(3), |ha| {
+            ha["peer"] == peer
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn gateway_unreachable_from_the_passive_means_no_takeover() -> Result<()> {
+    let _serial = serial();
+    let mut pair = Pair::new();
+    pair.start_all()?;
+    let (active, passive) = pair.wait_roles(Duration::from_secs(10))?;
+    pair.wait_link_up(Duration::from_secs(5))?;
+
+    // Only the PASSIVE's own end of its gateway link.
+    let link = if passive == PRIMARY { LINK_AG } else { LINK_BG };
+    let end = LINKS[link][0];
+    pair.net.end_down(end)?;
+    pair.wait_ha(
+        passive,
+        "gateway unreachable",
+        Duration::from_secs(3),
+        |ha| ha["gateway_reachable"] == false,
+    )?;
+    assert_eq!(pair.ha(active)?["state"], "ACTIVE");
+
+    pair.kill9(active);
+    let killed = Instant::now();
+    while killed.elapsed() < Duration::from_secs(3) {
+        let ha = pair.ha(passive)?;
+        assert_eq!(
+            ha["state"],
+            "PASSIVE",
+            "the PASSIVE left PASSIVE without a gateway ({} ms after the kill): {ha}\n{}",
+            killed.elapsed().as_millis(),
+            pair.logs()
+        );
+        assert_eq!(ha["gateway_reachable"], false, "{ha}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    pair.net.end_up(end)?;
+    let took = pair.wait_state(passive, "ACTIVE", Duration::from_secs(5))?;
+    println!(
+        "{} ACTIVE {} ms after the gateway path came back",
+        pair.nodes[passive].name,
+        took.as_millis()
+    );
+    assert!(
+        took <= Duration::from_millis(3500),
+        "ACTIVE only {took:?} after the gateway path came back"
+    );
+    let ha = pair.ha(passive)?;
+    assert_eq!(ha["gateway_reachable"], true, "{ha}");
+    Ok(())
+}
