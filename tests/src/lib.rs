@@ -665,3 +665,76 @@ pub fn describe(f: &Frame) -> String {
         String::from_utf8_lossy(&f.body[..f.body.len().min(200)])
     )
 }
+
+/// One status poll of an HA server: when, and its `ha.state` (`None`: no
+/// answer, e.g. while the process is stopped).
+pub type Sample = (Duration, Option<String>);
+
+/// Polls `poll` every 50 ms on a thread until `stop`, recording each answer.
+pub fn sample_states(
+    poll: impl Fn() -> Option<String> + Send + 'static,
+    t0: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Sample>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            v.push((t0.elapsed(), poll()));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        v
+    })
+}
+
+/// The longest time both servers' latest answers said ACTIVE.
+pub fn longest_double_active(a: &[Sample], b: &[Sample]) -> Duration {
+    let mut events: Vec<(Duration, usize, bool)> = a
+        .iter()
+        .map(|(t, s)| (*t, 0, s.as_deref() == Some("ACTIVE")))
+        .chain(
+            b.iter()
+                .map(|(t, s)| (*t, 1, s.as_deref() == Some("ACTIVE"))),
+        )
+        .collect();
+    events.sort_by_key(|e| e.0);
+    let mut cur = [false, false];
+    let mut since: Option<Duration> = None;
+    let mut longest = Duration::ZERO;
+    for (t, who, active) in events {
+        cur[who] = active;
+        match (cur[0] && cur[1], since) {
+            (true, None) => since = Some(t),
+            (false, Some(s)) => {
+                longest = longest.max(t - s);
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(s), Some(end)) = (since, a.last().zip(b.last()).map(|(x, y)| x.0.max(y.0))) {
+        longest = longest.max(end - s);
+    }
+    longest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn double_active_is_measured_from_overlapping_samples() {
+        let ms = Duration::from_millis;
+        let a: Vec<Sample> = vec![
+            (ms(0), Some("ACTIVE".into())),
+            (ms(100), Some("ACTIVE".into())),
+            (ms(300), Some("PASSIVE".into())),
+        ];
+        let b: Vec<Sample> = vec![
+            (ms(50), Some("PASSIVE".into())),
+            (ms(150), Some("ACTIVE".into())),
+            (ms(350), Some("ACTIVE".into())),
+        ];
+        assert_eq!(longest_double_active(&a, &b), ms(150));
+        assert_eq!(longest_double_active(&a, &[]), Duration::ZERO);
+    }
+}

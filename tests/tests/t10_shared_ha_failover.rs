@@ -30,7 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fmq_tests::{describe, fmq_bin, free_port, tail_file, workspace_root, Command, Frame, Stomp};
+use fmq_tests::{
+    describe, fmq_bin, free_port, longest_double_active, sample_states, tail_file, workspace_root,
+    Command, Frame, Sample, Stomp,
+};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -889,51 +892,13 @@ async fn the_killed_server_comes_back_passive() -> Result<()> {
     Ok(())
 }
 
-/// One status poll result: when, and the state (`None`: no answer).
-type Sample = (Duration, Option<String>);
-
 /// Polls `admin` every 50 ms until `stop`.
 fn sampler(admin: u16, t0: Instant, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Sample>> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let state = quick_status(admin, Duration::from_millis(150)).and_then(|s| ha_state(&s));
-            v.push((t0.elapsed(), state));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        v
-    })
-}
-
-/// The longest time both servers' latest answers said ACTIVE.
-fn longest_double_active(a: &[Sample], b: &[Sample]) -> Duration {
-    let mut events: Vec<(Duration, usize, bool)> = a
-        .iter()
-        .map(|(t, s)| (*t, 0, s.as_deref() == Some("ACTIVE")))
-        .chain(
-            b.iter()
-                .map(|(t, s)| (*t, 1, s.as_deref() == Some("ACTIVE"))),
-        )
-        .collect();
-    events.sort_by_key(|e| e.0);
-    let mut cur = [false, false];
-    let mut since: Option<Duration> = None;
-    let mut longest = Duration::ZERO;
-    for (t, who, active) in events {
-        cur[who] = active;
-        match (cur[0] && cur[1], since) {
-            (true, None) => since = Some(t),
-            (false, Some(s)) => {
-                longest = longest.max(t - s);
-                since = None;
-            }
-            _ => {}
-        }
-    }
-    if let (Some(s), Some(end)) = (since, a.last().zip(b.last()).map(|(x, y)| x.0.max(y.0))) {
-        longest = longest.max(end - s);
-    }
-    longest
+    sample_states(
+        move || quick_status(admin, Duration::from_millis(150)).and_then(|s| ha_state(&s)),
+        t0,
+        stop,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

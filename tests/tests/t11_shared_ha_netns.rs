@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fmq_tests::{fmq_bin, tail_file};
+use fmq_tests::{fmq_bin, longest_double_active, sample_states, tail_file, Sample};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -647,9 +647,6 @@ max_wait_timeout = 10000
     }
 }
 
-/// One status poll: when, and the state (`None`: no answer).
-type Sample = (Duration, Option<String>);
-
 /// Polls server `i` every 50 ms until `stop`.
 fn sampler(
     ns: String,
@@ -658,16 +655,14 @@ fn sampler(
     t0: Instant,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<Sample>> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let state = ns_status(&ns, ip, admin, Duration::from_millis(300))
-                .and_then(|s| s["ha"]["state"].as_str().map(str::to_owned));
-            v.push((t0.elapsed(), state));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        v
-    })
+    sample_states(
+        move || {
+            ns_status(&ns, ip, admin, Duration::from_millis(300))
+                .and_then(|s| s["ha"]["state"].as_str().map(str::to_owned))
+        },
+        t0,
+        stop,
+    )
 }
 
 fn start_sampler(
@@ -678,37 +673,6 @@ fn start_sampler(
 ) -> std::thread::JoinHandle<Vec<Sample>> {
     let n = &pair.nodes[i];
     sampler(n.ns.clone(), n.ip, n.admin, t0, stop.clone())
-}
-
-/// The longest time both servers' latest answers said ACTIVE.
-fn longest_double_active(a: &[Sample], b: &[Sample]) -> Duration {
-    let mut events: Vec<(Duration, usize, bool)> = a
-        .iter()
-        .map(|(t, s)| (*t, 0, s.as_deref() == Some("ACTIVE")))
-        .chain(
-            b.iter()
-                .map(|(t, s)| (*t, 1, s.as_deref() == Some("ACTIVE"))),
-        )
-        .collect();
-    events.sort_by_key(|e| e.0);
-    let mut cur = [false, false];
-    let mut since: Option<Duration> = None;
-    let mut longest = Duration::ZERO;
-    for (t, who, active) in events {
-        cur[who] = active;
-        match (cur[0] && cur[1], since) {
-            (true, None) => since = Some(t),
-            (false, Some(s)) => {
-                longest = longest.max(t - s);
-                since = None;
-            }
-            _ => {}
-        }
-    }
-    if let (Some(s), Some(end)) = (since, a.last().zip(b.last()).map(|(x, y)| x.0.max(y.0))) {
-        longest = longest.max(end - s);
-    }
-    longest
 }
 
 /// The state changes of a sample series, for messages.
