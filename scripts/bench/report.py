@@ -222,6 +222,16 @@ def main():
     w("`fmq-bench --help` lists all options; it exits non-zero on any lost or duplicate message, "
       "error or timeout.")
     w("")
+    # scripts/failover-bench.sh owns the section between these markers;
+    # keep it when this page is rewritten.
+    begin, end = "<!-- failover:begin -->", "<!-- failover:end -->"
+    try:
+        old = open(out).read()
+    except OSError:
+        old = ""
+    if begin in old and end in old:
+        L.append(old[old.index(begin):old.index(end) + len(end)])
+        L.append("")
     with open(out, "w") as f:
         f.write("\n".join(L))
 

@@ -1,0 +1,732 @@
+#!/usr/bin/env bash
+# Failover time of a shared-storage HA pair: FerroMQ vs ActiveMQ Classic
+# (shared-file master/slave), kill -9 of the active, on loopback.
+#
+#   scripts/failover-bench.sh [--runs N] [--pre S] [--post S] [--rate R]
+#                             [--amq-lock-sleep MS] [--only ferromq,activemq]
+#                             [--no-build] [--no-install] [--no-docs] [--keep]
+#
+# Starts both pairs as child processes of its own (setsid, temp dir, free
+# 127.0.0.1 ports): FerroMQ's gateway + HAPrimary + HASecondary (copies of
+# profiles/FerroMQ_HA_shared with rewritten ports), and two ActiveMQ brokers
+# on one KahaDB directory (scripts/bench/activemq-shared.xml.in, lock retry
+# --amq-lock-sleep ms, default 1000). Then N runs per broker (default 10),
+# interleaved (FerroMQ, ActiveMQ, FerroMQ, ...). Each run: a Python/stomp.py
+# producer sends 1 KiB persistent messages with a receipt each at R/s
+# (default 100) to a fresh queue on the active; after S s (--pre, default 3)
+# the active's process gets SIGKILL; the producer retries both ports every
+# 20 ms and resends the unreceipted message; failover time = first RECEIPT
+# from the new active minus the kill time. After --post s (default 2) more
+# it drains the queue and counts lost (receipted, not drained) and duplicate
+# sequence numbers. The killed broker is restarted (it becomes the standby)
+# before the next run. Writes docs/failover.md and the section between
+# <!-- failover:begin --> and <!-- failover:end --> of docs/benchmarks.md.
+# Everything it started is stopped on exit and its temp dir removed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HELPERS="$ROOT/scripts/bench"
+RUNS=10
+PRE=3
+POST=2
+RATE=100
+SIZE=1024
+AMQ_LOCK_SLEEP=1000
+ONLY="ferromq,activemq"
+BUILD=1
+INSTALL=1
+DOCS=1
+KEEP=0
+CMDLINE="scripts/failover-bench.sh${*:+ $*}"
+
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --runs) RUNS=$2; shift 2 ;;
+        --pre) PRE=$2; shift 2 ;;
+        --post) POST=$2; shift 2 ;;
+        --rate) RATE=$2; shift 2 ;;
+        --amq-lock-sleep) AMQ_LOCK_SLEEP=$2; shift 2 ;;
+        --only) ONLY=$2; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        --no-install) INSTALL=0; shift ;;
+        --no-docs) DOCS=0; shift ;;
+        --keep) KEEP=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "failover-bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '[failover %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+BROKERS=()
+for b in ferromq activemq; do
+    [[ ",$ONLY," == *",$b,"* ]] && BROKERS+=("$b")
+done
+for b in ${ONLY//,/ }; do
+    case "$b" in ferromq|activemq) ;; *) die "--only: unknown broker '$b'" ;; esac
+done
+[[ ${#BROKERS[@]} -gt 0 ]] || die "--only selects no broker"
+want() { [[ " ${BROKERS[*]} " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- install
+command -v python3 >/dev/null || die "python3 is needed"
+if [[ $INSTALL == 1 ]]; then
+    if want activemq && [[ ! -f /usr/share/activemq/bin/activemq.jar ]]; then
+        log "installing activemq"
+        export DEBIAN_FRONTEND=noninteractive
+        if ! apt-cache show activemq >/dev/null 2>&1; then apt-get update -qq; fi
+        apt-get install -y -qq --no-install-recommends activemq >&2
+    fi
+    if ! python3 -c 'import stomp' 2>/dev/null; then
+        log "installing stomp.py 8.2.0 (pip)"
+        python3 -m pip install -q stomp.py==8.2.0 >&2 ||
+            python3 -m pip install -q --break-system-packages stomp.py==8.2.0 >&2
+    fi
+fi
+python3 -c 'import stomp' 2>/dev/null || die "stomp.py missing (python3 -m pip install stomp.py==8.2.0)"
+if want activemq; then
+    [[ -f /usr/share/activemq/bin/activemq.jar ]] || die "ActiveMQ not installed (apt-get install activemq)"
+    command -v java >/dev/null || die "java not found"
+fi
+
+# ---------------------------------------------------------------- build
+TGT=${CARGO_TARGET_DIR:-$ROOT/target}
+FMQ_BIN="$TGT/release/fmq"
+if [[ $BUILD == 1 ]] && want ferromq; then
+    if command -v sccache >/dev/null; then
+        export RUSTC_WRAPPER=${RUSTC_WRAPPER:-sccache}
+        export SCCACHE_DIR=${SCCACHE_DIR:-/var/cache/fmq-sccache}
+    fi
+    log "building fmq-server (release)"
+    (cd "$ROOT" && cargo build --release -p fmq-server) || die "cargo build failed"
+fi
+if want ferromq; then [[ -x "$FMQ_BIN" ]] || die "$FMQ_BIN missing (build it or drop --no-build)"; fi
+
+# ---------------------------------------------------------------- run dir & cleanup
+RUN=$(mktemp -d "${TMPDIR:-/tmp}/fmq-failover.XXXXXX")
+mkdir -p "$RUN/results"
+declare -A PIDOF=()   # name -> pid of the live child (setsid leader)
+CHILD=""
+
+stop_group() { # pid name
+    local pid=$1 name=$2 i
+    [[ "$pid" =~ ^[0-9]+$ && "$pid" -gt 1 ]] || return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 40); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.25
+    done
+    log "$name (pid $pid) still running after 10 s: SIGKILL"
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    [[ -n "$CHILD" ]] && kill -TERM "$CHILD" 2>/dev/null
+    # Standbys first (so no failover happens while stopping), gateway last.
+    local n
+    for n in amq1 amq0 fmq1 fmq0 gateway; do
+        stop_group "${PIDOF[$n]:-}" "$n"
+    done
+    if [[ $KEEP == 1 ]]; then
+        log "kept run dir $RUN"
+    else
+        rm -rf "$RUN"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 - <<'EOF'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+EOF
+}
+
+port_open() { # port
+    python3 - "$1" <<'EOF'
+import socket, sys
+s = socket.socket()
+s.settimeout(0.5)
+try:
+    s.connect(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+finally:
+    s.close()
+EOF
+}
+
+start_child() { # name logfile cmd...  (new session; records pid)
+    local name=$1 logf=$2; shift 2
+    setsid "$@" >>"$logf" 2>&1 </dev/null &
+    PIDOF[$name]=$!
+}
+
+# ---------------------------------------------------------------- FerroMQ pair
+# X/HAPrimary, X/HASecondary, X/lock/lock.dat (empty), X/run (shared store run/db).
+FX="$RUN/ferromq"
+declare -A FPORT=() FADMIN=()
+setup_ferromq() {
+    local p0 p1 a0 a1 h0 h1 g f
+    p0=$(free_port); p1=$(free_port); a0=$(free_port); a1=$(free_port)
+    h0=$(free_port); h1=$(free_port); g=$(free_port)
+    mkdir -p "$FX/lock" "$FX/run"
+    : >"$FX/lock/lock.dat"
+    for f in HAPrimary HASecondary; do
+        mkdir -p "$FX/$f/run"
+        cp "$ROOT/profiles/FerroMQ_HA_shared/$f/fmq.toml" "$FX/$f/fmq.toml"
+    done
+    # Ports: client 1856/1956, admin 1858/1859, HA 2000/3000, gateway 7007.
+    sed -i -E -e "s/^port = 1856\$/port = $p0/" -e "s/^port = 1956\$/port = $p1/" \
+        -e "s/^admin_port = 1858\$/admin_port = $a0/" -e "s/^admin_port = 1859\$/admin_port = $a1/" \
+        -e "s/^port = 2000\$/port = $h0/" -e "s/^port = 3000\$/port = $h1/" \
+        -e "s/^backup_ha_port = 2000\$/backup_ha_port = $h0/" -e "s/^backup_ha_port = 3000\$/backup_ha_port = $h1/" \
+        -e "s/^backup_server_port = 1856\$/backup_server_port = $p0/" -e "s/^backup_server_port = 1956\$/backup_server_port = $p1/" \
+        -e "s/^backup_rmi_server_port = 1858\$/backup_rmi_server_port = $a0/" -e "s/^backup_rmi_server_port = 1859\$/backup_rmi_server_port = $a1/" \
+        -e "s/^gateway_server_port = 7007\$/gateway_server_port = $g/" \
+        "$FX/HAPrimary/fmq.toml" "$FX/HASecondary/fmq.toml"
+    for f in HAPrimary HASecondary; do
+        if grep -Eq '^(port|admin_port|backup_ha_port|backup_server_port|backup_rmi_server_port) = (1856|1956|1858|1859|2000|3000)$|^gateway_server_port = 7007$' "$FX/$f/fmq.toml"; then
+            die "could not rewrite every port in $f/fmq.toml"
+        fi
+    done
+    FPORT[0]=$p0; FPORT[1]=$p1; FADMIN[0]=$a0; FADMIN[1]=$a1
+    FGW=$g
+    start_child gateway "$FX/run/gateway.out" "$FMQ_BIN" gateway --listen "127.0.0.1:$g"
+    local t=0
+    until port_open "$g"; do ((t++ < 50)) || die "gateway does not listen on $g"; sleep 0.1; done
+}
+
+start_fmq() { # index
+    local i=$1 prof=HAPrimary
+    [[ $i == 1 ]] && prof=HASecondary
+    start_child "fmq$i" "$FX/$prof/run/fmq.out" "$FMQ_BIN" -profile "$FX/$prof"
+}
+
+fmq_state() { # index -> ACTIVE, PASSIVE, ... or nothing
+    timeout 3 "$FMQ_BIN" status --admin-port "${FADMIN[$1]}" --json 2>/dev/null |
+        python3 -c 'import json,sys
+try: print(json.load(sys.stdin)["ha"]["state"])
+except Exception: pass' || true
+}
+
+# Waits until one server is ACTIVE and the other PASSIVE; sets ACTIVE_IDX.
+wait_fmq_pair() {
+    local start=$SECONDS s0 s1
+    while :; do
+        s0=$(fmq_state 0); s1=$(fmq_state 1)
+        if [[ $s0 == ACTIVE && $s1 == PASSIVE ]]; then ACTIVE_IDX=0; return 0; fi
+        if [[ $s0 == PASSIVE && $s1 == ACTIVE ]]; then ACTIVE_IDX=1; return 0; fi
+        ((SECONDS - start < 60)) || { log "FerroMQ pair not ACTIVE/PASSIVE after 60 s ($s0/$s1)"; tail -n 20 "$FX"/HA*/run/fmq.out >&2; return 1; }
+        sleep 0.2
+    done
+}
+
+# ---------------------------------------------------------------- ActiveMQ pair
+AX="$RUN/activemq"
+declare -A APORT=() ASTARTS=()
+AMQ_OPENS=(
+    --add-opens=java.base/java.lang=ALL-UNNAMED
+    --add-opens=java.base/java.util=ALL-UNNAMED
+    --add-opens=java.base/java.util.concurrent=ALL-UNNAMED
+    --add-opens=java.base/java.util.concurrent.atomic=ALL-UNNAMED
+    --add-opens=java.base/java.net=ALL-UNNAMED
+    --add-opens=java.base/java.security=ALL-UNNAMED
+    --add-opens=java.naming/javax.naming.spi=ALL-UNNAMED
+    --add-opens=java.rmi/sun.rmi.transport.tcp=ALL-UNNAMED
+    --add-reads=java.xml=java.logging
+)
+setup_activemq() {
+    local i d
+    mkdir -p "$AX/kahadb"
+    for i in 0 1; do
+        d="$AX/b$i"
+        APORT[$i]=$(free_port)
+        ASTARTS[$i]=0
+        mkdir -p "$d/conf" "$d/data" "$d/tmp"
+        sed -e "s|@PORT@|${APORT[$i]}|g" -e "s|@DATA@|$d/data|g" -e "s|@KAHADB@|$AX/kahadb|g" \
+            -e "s|@LOCK_SLEEP_MS@|$AMQ_LOCK_SLEEP|g" "$HELPERS/activemq-shared.xml.in" >"$d/conf/activemq.xml"
+    done
+}
+
+start_amq() { # index; each start logs to its own file (b<i>/activemq.<n>.log)
+    local i=$1 d="$AX/b$1"
+    ASTARTS[$i]=$((ASTARTS[$i] + 1))
+    sed -e "s|@LOG@|$d/activemq.${ASTARTS[$i]}.log|g" "$HELPERS/log4j.properties" >"$d/conf/log4j.properties"
+    start_child "amq$i" "$d/stdout.log" \
+        java -Xms256M -Xmx512M "${AMQ_OPENS[@]}" \
+        -Dactivemq.home=/usr/share/activemq -Dactivemq.base="$d" -Dactivemq.conf="$d/conf" \
+        -Dactivemq.data="$d/data" -Dactivemq.classpath="$d/conf" -Djava.io.tmpdir="$d/tmp" \
+        -Dlog4j.configuration="file:$d/conf/log4j.properties" \
+        -jar /usr/share/activemq/bin/activemq.jar start "xbean:file:$d/conf/activemq.xml"
+}
+
+amq_log() { echo "$AX/b$1/activemq.${ASTARTS[$1]}.log"; }
+
+# Waits until one broker listens (master) and the other logs that it waits
+# for the lock (slave); sets ACTIVE_IDX.
+wait_amq_pair() {
+    local start=$SECONDS i o
+    while :; do
+        for i in 0 1; do
+            o=$((1 - i))
+            if kill -0 "${PIDOF[amq$i]}" 2>/dev/null && port_open "${APORT[$i]}" &&
+                kill -0 "${PIDOF[amq$o]}" 2>/dev/null &&
+                grep -qs 'slave mode' "$(amq_log "$o")" && ! port_open "${APORT[$o]}"; then
+                ACTIVE_IDX=$i
+                return 0
+            fi
+        done
+        ((SECONDS - start < 120)) || { log "ActiveMQ pair not master/slave after 120 s"; tail -n 20 "$AX"/b*/stdout.log >&2; return 1; }
+        sleep 0.3
+    done
+}
+
+# ---------------------------------------------------------------- prober
+cat >"$RUN/failover_run.py" <<'EOF'
+"""One failover run: produce with receipts, kill -9 the active, reconnect, drain."""
+import argparse, json, os, signal, sys, threading, time
+import stomp
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--ports", required=True)          # active first
+ap.add_argument("--kill-pid", type=int, required=True)
+ap.add_argument("--login", default=None)
+ap.add_argument("--passcode", default=None)
+ap.add_argument("--queue", required=True)
+ap.add_argument("--rate", type=float, default=100)
+ap.add_argument("--size", type=int, default=1024)
+ap.add_argument("--pre", type=float, default=3)
+ap.add_argument("--post", type=float, default=2)
+ap.add_argument("--give-up", type=float, default=60)
+ap.add_argument("--out", required=True)
+a = ap.parse_args()
+PORTS = [int(p) for p in a.ports.split(",")]
+now = time.monotonic
+
+
+class L(stomp.ConnectionListener):
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.receipts = {}
+        self.dead = False
+        self.msgs = []
+        self.last_msg = now()
+
+    def on_receipt(self, frame):
+        with self.cv:
+            self.receipts[frame.headers.get("receipt-id")] = now()
+            self.cv.notify_all()
+
+    def on_error(self, frame):
+        with self.cv:
+            self.dead = True
+            self.cv.notify_all()
+
+    def on_disconnected(self):
+        with self.cv:
+            self.dead = True
+            self.cv.notify_all()
+
+    def on_message(self, frame):
+        with self.cv:
+            self.msgs.append(frame.headers.get("seq"))
+            self.last_msg = now()
+
+
+def try_connect(port):
+    """CONNECT to one port; (conn, listener) or None. Never blocks long."""
+    lis = L()
+    c = stomp.Connection12([("127.0.0.1", port)], reconnect_attempts_max=1,
+                           reconnect_sleep_initial=0, reconnect_sleep_increase=0,
+                           reconnect_sleep_jitter=0, heartbeats=(0, 0))
+    c.set_listener("l", lis)
+    try:
+        c.connect(a.login, a.passcode, wait=False, with_connect_command=True,
+                  headers={"host": "127.0.0.1"})
+    except Exception:
+        return None
+    deadline = now() + 2
+    while now() < deadline:
+        if c.is_connected():
+            return c, lis
+        if c.transport.connection_error or lis.dead or not c.transport.running:
+            break
+        time.sleep(0.002)
+    close(c)
+    return None
+
+
+def close(c):
+    # Not transport.stop(): it waits for the receiver thread, which a socket
+    # without timeout only leaves once the socket is shut down.
+    c.transport.running = False
+    try:
+        c.transport.disconnect_socket()
+    except Exception:
+        pass
+
+
+def connect_any(deadline):
+    i = 0
+    while now() < deadline:
+        port = PORTS[i % len(PORTS)]
+        r = try_connect(port)
+        if r:
+            return r + (port, now())
+        i += 1
+        if i % len(PORTS) == 0:
+            time.sleep(0.02)
+    raise SystemExit("could not reconnect within %.0f s" % a.give_up)
+
+
+body = "x" * a.size
+t_start = now()
+conn, lis, port, t_conn = connect_any(t_start + 10)
+first_port = port
+receipted = {}       # seq -> receipt time
+sends = 0
+resends = 0
+reconnects = 0
+t_kill = None
+t_first_new = None
+new_port = None
+kill_done = threading.Event()
+
+
+def killer():
+    global t_kill
+    time.sleep(a.pre)
+    t_kill = now()
+    os.kill(a.kill_pid, signal.SIGKILL)
+    kill_done.set()
+
+
+threading.Thread(target=killer, daemon=True).start()
+seq = 0
+interval = 1.0 / a.rate
+next_at = now()
+t_stop = None
+while True:
+    seq += 1
+    if t_stop is not None and now() >= t_stop:
+        break
+    delay = next_at - now()
+    if delay > 0:
+        time.sleep(delay)
+    next_at = max(next_at + interval, now())
+    rid = "r%d" % seq
+    while True:  # until this seq is receipted
+        ok = False
+        try:
+            conn.send("/queue/" + a.queue, body, content_type="text/plain",
+                      headers={"persistent": "true", "receipt": rid, "seq": str(seq)})
+            sends += 1
+            with lis.cv:
+                lis.cv.wait_for(lambda: rid in lis.receipts or lis.dead, timeout=5)
+                ok = rid in lis.receipts
+        except Exception:
+            ok = False
+        if ok:
+            tr = lis.receipts[rid]
+            receipted[seq] = tr
+            if t_kill is not None and t_conn > t_kill and t_first_new is None:
+                t_first_new = tr
+                new_port = port
+                t_stop = tr + a.post
+            break
+        # Connection lost (or no receipt in 5 s): reconnect, resend the same seq.
+        close(conn)
+        if now() - t_start > a.pre + a.give_up:
+            raise SystemExit("gave up")
+        kill_done.wait(timeout=a.pre + 5)  # a lost connection before the kill is unexpected
+        conn, lis, port, t_conn = connect_any(now() + a.give_up)
+        reconnects += 1
+        resends += 1
+last_seq = seq - 1
+
+# Drain on the new active.
+drain = L()
+dc = None
+for _ in range(100):
+    r = try_connect(new_port)
+    if r:
+        dc, drain = r
+        break
+    time.sleep(0.1)
+close(conn)
+if dc is None:
+    raise SystemExit("cannot connect to drain")
+dc.subscribe("/queue/" + a.queue, id="d", ack="auto", headers={"activemq.prefetchSize": "1000"})
+t0 = now()
+while True:
+    time.sleep(0.1)
+    with drain.cv:
+        idle = now() - drain.last_msg
+        n = len(drain.msgs)
+    if (n > 0 and idle > 1.5) or (n == 0 and now() - t0 > 10):
+        break
+print("drain: %d frames, dead=%s" % (n, drain.dead), file=sys.stderr)
+close(dc)
+
+got = [int(s) for s in drain.msgs if s is not None]
+counts = {}
+for s in got:
+    counts[s] = counts.get(s, 0) + 1
+before = [s for s, t in receipted.items() if t < t_kill]
+lost_before = sorted(s for s in before if s not in counts)
+lost_any = sorted(s for s in receipted if s not in counts)
+dups = sum(c - 1 for c in counts.values() if c > 1)
+res = {
+    "failover_ms": (t_first_new - t_kill) * 1000,
+    "first_port": first_port, "new_port": new_port,
+    "receipted": len(receipted), "receipted_before_kill": len(before),
+    "sends": sends, "resends": resends, "reconnects": reconnects,
+    "drained": len(got), "lost": len(lost_before), "lost_any": len(lost_any),
+    "lost_seqs": lost_any[:20], "duplicates": dups,
+    "unreceipted_drained": len([s for s in counts if s not in receipted]),
+    "last_seq": last_seq,
+}
+json.dump(res, open(a.out, "w"))
+print(json.dumps(res))
+EOF
+
+fsync_probe() { # -> ms per 4 KiB write+fdatasync (median of 100)
+    python3 - "$RUN/probe" <<'EOF'
+import os, sys, time, statistics
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+lat = []
+for _ in range(100):
+    t = time.perf_counter()
+    os.write(fd, b"\0" * 4096)
+    os.fdatasync(fd)
+    lat.append((time.perf_counter() - t) * 1000)
+os.close(fd)
+os.unlink(sys.argv[1])
+print(f"{statistics.median(lat):.3f}")
+EOF
+}
+
+# ---------------------------------------------------------------- start
+if want ferromq; then
+    log "starting FerroMQ pair (gateway, HAPrimary, HASecondary)"
+    setup_ferromq
+    start_fmq 0
+    sleep 1   # let the primary take the lock first
+    start_fmq 1
+    wait_fmq_pair || die "FerroMQ pair did not come up"
+    log "FerroMQ: active index $ACTIVE_IDX, ports ${FPORT[0]}/${FPORT[1]}, admin ${FADMIN[0]}/${FADMIN[1]}, gateway $FGW"
+fi
+if want activemq; then
+    log "starting ActiveMQ shared-file pair (lock retry ${AMQ_LOCK_SLEEP} ms)"
+    setup_activemq
+    start_amq 0
+    t=0
+    until port_open "${APORT[0]}"; do
+        kill -0 "${PIDOF[amq0]}" 2>/dev/null || { tail -n 30 "$AX/b0/stdout.log" >&2; die "ActiveMQ 0 exited"; }
+        ((t++ < 240)) || die "ActiveMQ 0 not listening after 120 s"
+        sleep 0.5
+    done
+    start_amq 1
+    wait_amq_pair || die "ActiveMQ pair did not come up"
+    log "ActiveMQ: active index $ACTIVE_IDX, ports ${APORT[0]}/${APORT[1]}"
+fi
+
+one_run() { # broker run
+    local b=$1 r=$2 ai oi pid ports out rc=0 args=()
+    if [[ $b == ferromq ]]; then
+        wait_fmq_pair || return 1
+        ai=$ACTIVE_IDX; oi=$((1 - ai)); pid=${PIDOF[fmq$ai]}
+        ports="${FPORT[$ai]},${FPORT[$oi]}"
+        args=(--login admin --passcode passwd)
+    else
+        wait_amq_pair || return 1
+        ai=$ACTIVE_IDX; oi=$((1 - ai)); pid=${PIDOF[amq$ai]}
+        ports="${APORT[$ai]},${APORT[$oi]}"
+    fi
+    out="$RUN/results/$b.$r.json"
+    local fs
+    fs=$(fsync_probe)
+    sync
+    sleep 1
+    timeout 180 python3 "$RUN/failover_run.py" --ports "$ports" --kill-pid "$pid" "${args[@]}" \
+        --queue "failover.$b.$r.$$" --rate "$RATE" --size "$SIZE" --pre "$PRE" --post "$POST" \
+        --out "$out" >"$out.log" 2>&1 &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=""
+    # The killed broker is dead (SIGKILL) unless the prober failed early.
+    if [[ $b == ferromq ]]; then
+        stop_group "${PIDOF[fmq$ai]}" "fmq$ai"
+        start_fmq "$ai"
+    else
+        stop_group "${PIDOF[amq$ai]}" "amq$ai"
+        start_amq "$ai"
+    fi
+    if [[ $rc != 0 || ! -s "$out" ]]; then
+        log "  $b run $r FAILED (exit $rc): $(tail -n 3 "$out.log" | tr '\n' ' ')"
+        echo "{\"error\": \"exit $rc\", \"fsync_ms\": $fs, \"killed\": $ai}" >"$out"
+        return 0
+    fi
+    python3 - "$out" "$fs" "$ai" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+j["fsync_ms"] = float(sys.argv[2]); j["killed"] = int(sys.argv[3])
+json.dump(j, open(sys.argv[1], "w"))
+EOF
+    python3 - "$out" "$b" "$r" <<'EOF' >&2
+import json, sys
+j = json.load(open(sys.argv[1]))
+print(f"  {sys.argv[2]:<8} run {sys.argv[3]:>2}: failover {j['failover_ms']:7.0f} ms, receipted {j['receipted']} "
+      f"(before kill {j['receipted_before_kill']}), drained {j['drained']}, lost {j['lost']}/{j['lost_any']}, "
+      f"dup {j['duplicates']}, fsync {j['fsync_ms']} ms")
+EOF
+}
+
+T0=$(date +%s)
+for ((r = 1; r <= RUNS; r++)); do
+    for b in "${BROKERS[@]}"; do one_run "$b" "$r"; done
+done
+ELAPSED=$(($(date +%s) - T0))
+# The last restart: wait until each pair is healthy again (checks the restart works).
+if want ferromq; then wait_fmq_pair || log "WARNING: FerroMQ pair not healthy after the last restart"; fi
+if want activemq; then wait_amq_pair || log "WARNING: ActiveMQ pair not healthy after the last restart"; fi
+
+# ---------------------------------------------------------------- report
+{
+    echo "command=$CMDLINE"
+    echo "runs=$RUNS"
+    echo "pre=$PRE"
+    echo "post=$POST"
+    echo "rate=$RATE"
+    echo "size=$SIZE"
+    echo "amq_lock_sleep=$AMQ_LOCK_SLEEP"
+    echo "elapsed=$ELAPSED"
+    echo "brokers=${BROKERS[*]}"
+    echo "version.ferromq=FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build), profiles/FerroMQ_HA_shared timings (ping 100 ms, lock 200/500 ms)"
+    echo "version.activemq=ActiveMQ Classic $(dpkg-query -W -f='${Version}' activemq 2>/dev/null || echo '?'), shared-file-locker lockAcquireSleepInterval=$AMQ_LOCK_SLEEP ms, KahaDB journalDiskSyncStrategy=always"
+    echo "stomp=stomp.py $(python3 -c 'import stomp; print(stomp.__version__)' 2>/dev/null)"
+    echo "nproc=$(nproc)"
+    echo "mem=$(free -h | awk '/^Mem:/ {print $2}')"
+    echo "kernel=$(uname -srm)"
+    echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    # shellcheck disable=SC1091
+    echo "os=$(. /etc/os-release && echo "$PRETTY_NAME")"
+    echo "java=$(java -version 2>&1 | head -n1)"
+    echo "fs=$(df -hT "$RUN" | awk 'NR==2 {print $1" "$2}')"
+    echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+} >"$RUN/meta.txt"
+
+python3 - "$RUN" "$ROOT/docs" "$DOCS" <<'EOF'
+import glob, json, os, re, statistics, sys
+run, docs, write = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+meta = dict(l.rstrip("\n").split("=", 1) for l in open(run + "/meta.txt") if "=" in l)
+names = {"ferromq": "FerroMQ", "activemq": "ActiveMQ"}
+res = {}
+for f in sorted(glob.glob(run + "/results/*.json")):
+    b, r = os.path.basename(f).split(".")[:2]
+    res.setdefault(b, {})[int(r)] = json.load(open(f))
+L = []
+w = L.append
+w("## Failover time (kill -9 of the active)")
+w("")
+w(f"Generated by `scripts/failover-bench.sh` on {meta['date']}; command: `{meta['command']}`.")
+w("")
+w(f"Each run: one stomp.py producer sends {meta['size']}-byte persistent messages, each with a receipt "
+  f"(waiting for it before the next), at ~{meta['rate']}/s to a fresh queue on the active; after "
+  f"{meta['pre']} s the active's process gets SIGKILL. The producer then tries both ports every 20 ms "
+  f"and resends the unreceipted message. **Failover time = first RECEIPT from the new active minus the "
+  f"kill time.** {meta['post']} s later it drains the queue on the new active: *lost* = receipted "
+  f"before the kill but not drained, *duplicates* = sequence numbers drained more than once. The killed "
+  f"broker is then restarted as the standby. {meta['runs']} runs per broker, interleaved.")
+w("")
+w("| broker | runs | median failover ms | max failover ms | min ms | lost (receipted, not drained) | duplicates | failed runs |")
+w("|---|---|---|---|---|---|---|---|")
+summary = {}
+for b in ("ferromq", "activemq"):
+    if b not in res:
+        continue
+    rs = res[b]
+    ok = [j for j in rs.values() if "failover_ms" in j]
+    fo = [j["failover_ms"] for j in ok]
+    lost = sum(j["lost"] for j in ok)
+    lost_any = sum(j["lost_any"] for j in ok)
+    dup = sum(j["duplicates"] for j in ok)
+    failed = len(rs) - len(ok)
+    med = statistics.median(fo) if fo else float("nan")
+    mx = max(fo) if fo else float("nan")
+    summary[b] = (med, mx, failed)
+    w(f"| {names[b]} | {len(ok)} | {med:.0f} | {mx:.0f} | {min(fo) if fo else float('nan'):.0f} | "
+      f"{lost} ({lost_any} incl. after the kill) | {dup} | {failed} |")
+w("")
+w("Per run (ms; lost/duplicates per run):")
+w("")
+bs = [b for b in ("ferromq", "activemq") if b in res]
+w("| run | " + " | ".join(names[b] for b in bs) + " |")
+w("|---|" + "---|" * len(bs))
+for r in range(1, int(meta["runs"]) + 1):
+    cells = []
+    for b in bs:
+        j = res[b].get(r, {})
+        if "failover_ms" in j:
+            cells.append(f"{j['failover_ms']:.0f} (lost {j['lost']}, dup {j['duplicates']}, fsync {j['fsync_ms']} ms)")
+        else:
+            cells.append("failed: " + j.get("error", "missing"))
+    w(f"| {r} | " + " | ".join(cells) + " |")
+w("")
+if "ferromq" in summary:
+    med, mx, failed = summary["ferromq"]
+    w("### FerroMQ targets")
+    w("")
+    w("| target | measured | status |")
+    w("|---|---|---|")
+    w(f"| median failover < 1 s | {med:.0f} ms | {'met' if med < 1000 and failed == 0 else 'not met'} |")
+    w(f"| max failover < 2 s | {mx:.0f} ms | {'met' if mx < 2000 and failed == 0 else 'not met'} |")
+    w("")
+w("### Setup and machine")
+w("")
+for b in bs:
+    w(f"- {meta['version.' + b]}")
+w(f"- client: {meta['stomp']}, Python {sys.version.split()[0]}; everything on 127.0.0.1; "
+  f"fsync probe (4 KiB write + fdatasync, median of 100) before every run, in the per-run table")
+w(f"- {meta['cpu']}, {meta['nproc']} vCPU, {meta['mem']} RAM; {meta['os']}, {meta['kernel']}; "
+  f"{meta['java']}; temp dir on {meta['fs']}")
+w(f"- runs took {meta['elapsed']} s")
+w("")
+w("Notes: FerroMQ's pair runs with the shipped `profiles/FerroMQ_HA_shared` timings (100 ms HA pings, "
+  "200 ms / 500 ms lock re-acquisition) on copies of the profiles with free ports, with its own "
+  "`fmq gateway`. ActiveMQ's slave polls the KahaDB lock every `lockAcquireSleepInterval` (default "
+  "10 s; 1 s here, `--amq-lock-sleep`), then starts its transport. A duplicate is the message in "
+  "flight at the kill: stored, but its receipt lost, so the producer resends it.")
+w("")
+w("Run it: `scripts/failover-bench.sh` (options: `--runs N --pre S --post S --rate R "
+  "--amq-lock-sleep MS --only ferromq,activemq --no-build --no-install --no-docs --keep`).")
+text = "\n".join(L) + "\n"
+print(text)
+if write:
+    with open(docs + "/failover.md", "w") as f:
+        f.write("# FerroMQ failover benchmark\n\n" + text.replace("## Failover time", "## Failover time", 1))
+    bm = docs + "/benchmarks.md"
+    cur = open(bm).read() if os.path.exists(bm) else ""
+    block = "<!-- failover:begin -->\n" + text + "<!-- failover:end -->\n"
+    pat = re.compile(r"<!-- failover:begin -->.*?<!-- failover:end -->\n?", re.S)
+    if pat.search(cur):
+        cur = pat.sub(lambda m: block, cur)
+    else:
+        cur = cur.rstrip("\n") + "\n\n" + block
+    with open(bm, "w") as f:
+        f.write(cur)
+    print(f"wrote {docs}/failover.md and the failover section of {bm}", file=sys.stderr)
+EOF
