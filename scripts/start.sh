@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Builds FerroMQ and runs a server in the foreground on the shipped
-# standalone profile (client port 1856, admin port 1858). Ctrl-C stops it.
+# Builds FerroMQ and starts the shared-storage HA pair on this machine: the
+# gateway responder, the primary (STOMP 127.0.0.1:1856, admin 1858) and the
+# secondary (STOMP 127.0.0.1:1956, admin 1859) of profiles/FerroMQ_HA_shared,
+# in the background. Prints both servers' status and how to watch a failover;
+# `bash scripts/ha-shared.sh stop` stops them.
 # Installs what it needs on a Debian machine; safe to run again.
-#   bash scripts/start.sh [-profile NAME] [fmq options...]
+#
+#   bash scripts/start.sh                    the HA pair (default)
+#   bash scripts/start.sh -profile FerroMQ   one standalone server, foreground
 set -euo pipefail
 # shellcheck source=scripts/lib/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/env.sh"
@@ -10,7 +15,9 @@ cd "$FMQ_ROOT"
 fmq_build_deps
 fmq_log "building fmq (release; the first build compiles RocksDB: ~15 minutes on 2 cores)"
 cargo build --release --locked -p fmq-server
-args=("$@")
-[ ${#args[@]} -eq 0 ] && args=(-profile FerroMQ)
-fmq_log "starting: target/release/fmq ${args[*]}   (logs in profiles/FerroMQ/run/logs)"
-exec target/release/fmq "${args[@]}"
+export FMQ_BIN="$FMQ_ROOT/target/release/fmq"
+if [ $# -gt 0 ]; then
+    fmq_log "starting: target/release/fmq $*"
+    exec "$FMQ_BIN" "$@"
+fi
+exec bash scripts/ha-shared.sh start
