@@ -57,6 +57,8 @@ done
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=scripts/bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench/common.sh"
 
 # Brokers in interleaving order, filtered by --only.
 BROKERS=()
@@ -134,19 +136,6 @@ PGIDS=()     # process groups we started (setsid leaders)
 CHILD=""     # current foreground helper (fmq-bench run or sleep), stopped on exit
 declare -A PIDOF=()
 
-stop_group() { # pid name
-    local pid=$1 name=$2 i
-    [[ "$pid" =~ ^[0-9]+$ && "$pid" -gt 1 ]] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 60); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.5
-    done
-    log "$name (pid $pid) still running after 30 s: SIGKILL"
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     local rc=$?
     set +e
@@ -170,36 +159,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-    python3 - <<'EOF'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-EOF
-}
-
 port_is_free() {
     python3 - "$1" <<'EOF'
 import socket, sys
 s = socket.socket()
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-}
-
-port_open() { # port
-    python3 - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.settimeout(0.5)
-try:
-    s.connect(("127.0.0.1", int(sys.argv[1])))
 except OSError:
     sys.exit(1)
 finally:
@@ -307,7 +272,7 @@ start_ferromq() {
     grep -Eq "^[[:space:]]*admin_port = $a\$" "$d/profile/fmq.toml" || { log "could not set admin_port in fmq.toml"; return 1; }
     FMQ_ADMIN_PORT=$a
     start_child ferromq "$d/stdout.log" "$FMQ_BIN" -profile "$d/profile" -dbPath "$d/db"
-    PORT[ferromq]=$p; LOGIN[ferromq]=admin; PASS[ferromq]=passwd; VHOST[ferromq]=127.0.0.1
+    PORT[ferromq]=$p; LOGIN[ferromq]="admin"; PASS[ferromq]="passwd"; VHOST[ferromq]=127.0.0.1
     VERSION[ferromq]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/profile/fmq.toml" | head -n1 | tr -s ' ' || echo 'sync = (default)')"
     wait_port ferromq "${PIDOF[ferromq]}" "$p" 60 "$d/stdout.log"
 }

@@ -60,6 +60,9 @@ done
 
 log() { printf '[failover %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=scripts/bench/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench/common.sh"
+STOP_WAIT=10
 
 BROKERS=()
 for b in ferromq activemq; do
@@ -111,19 +114,6 @@ mkdir -p "$RUN/results"
 declare -A PIDOF=()   # name -> pid of the live child (setsid leader)
 CHILD=""
 
-stop_group() { # pid name
-    local pid=$1 name=$2 i
-    [[ "$pid" =~ ^[0-9]+$ && "$pid" -gt 1 ]] || return 0
-    kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 40); do
-        kill -0 "$pid" 2>/dev/null || return 0
-        sleep 0.25
-    done
-    log "$name (pid $pid) still running after 10 s: SIGKILL"
-    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     local rc=$?
     set +e
@@ -143,30 +133,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-free_port() {
-    python3 - <<'EOF'
-import socket
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-EOF
-}
-
-port_open() { # port
-    python3 - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.settimeout(0.5)
-try:
-    s.connect(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-}
 
 start_child() { # name logfile cmd...  (new session; records pid)
     local name=$1 logf=$2; shift 2
