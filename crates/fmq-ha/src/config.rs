@@ -19,6 +19,20 @@ pub enum Mode {
     Replicated,
 }
 
+/// How the active waits for its passive in replicated mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Replication {
+    /// A RECEIPT for a persistent change is sent only once the passive has
+    /// made the batch durable too (while the passive is in sync).
+    #[default]
+    Sync,
+    /// A RECEIPT is sent once the batch is durable on the active; the
+    /// passive follows a little behind. A failover can lose the batches
+    /// still in flight (see `fmq status` for the lag).
+    Async,
+}
+
 /// HA settings. Durations are milliseconds in the profile.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +92,18 @@ pub struct HaConfig {
     /// Longest a state change may take before it is abandoned, ms.
     #[serde(default = "default_max_wait")]
     pub max_wait_timeout: u64,
+    /// Replicated mode: `sync` (the default) or `async`.
+    #[serde(default)]
+    pub replication: Replication,
+    /// Replicated mode: how many recent batches each server keeps in its
+    /// batch log, from which a passive that was away catches up without a
+    /// full copy. Also where divergent batches are read back from.
+    #[serde(default = "default_log_batches")]
+    pub replication_log_batches: u64,
+}
+
+fn default_log_batches() -> u64 {
+    200_000
 }
 
 fn default_cluster_name() -> String {
@@ -233,6 +259,8 @@ mod tests {
             socket_initialization_timeout: 60_000,
             nagle_algo: false,
             max_wait_timeout: 30_000,
+            replication: Default::default(),
+            replication_log_batches: 1000,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The HA channel: one TCP connection between the two servers of a pair,
 //! carrying the handshake, state broadcasts, heartbeats and (for the
-//! replicated mode) opaque data.
+//! replicated mode) opaque data; plus, on the same HA port, the bulk
+//! replication connections of the replicated mode.
 //!
 //! # Framing
 //!
@@ -16,7 +17,9 @@
 //! misconfigured pair: a second primary dialing it is refused (fatally, on
 //! both sides). A newer accepted link replaces an older one on the
 //! secondary (the primary only redials once its previous link is gone, so
-//! a newer link means the old one is half-open).
+//! a newer link means the old one is half-open). These rules are about the
+//! heartbeat link only; replication connections (below) are accepted by
+//! both roles and never are, replace or disturb the link.
 //!
 //! # Handshake
 //!
@@ -33,6 +36,32 @@
 //! differ cannot work. Garbage, undecodable frames or a peer that closes
 //! early are not refusals: the socket is dropped and nothing else changes.
 //!
+//! # State broadcasts
+//!
+//! [`Message::State`] carries the sender's present and previous state and,
+//! in the replicated mode, its repository position (epoch, sequence) at the
+//! time of the broadcast, so the peer can tell which side holds the newer
+//! data. The last broadcast is remembered and sent again, position
+//! included, first thing on every new link.
+//!
+//! # Replication connections
+//!
+//! The replicated mode moves the store over a second, bulk connection per
+//! pair, dialed with [`dial_replication`] to the peer's HA port, so that
+//! operators keep a single HA port per server. Its dialer's first message
+//! is [`Message::Replicate`] instead of `Hello`; the acceptor, which sent
+//! its `Hello` as for any connection, applies the same checks as for a link
+//! and answers `Welcome` or `Refuse`, while the dialer checks the
+//! acceptor's `Hello` the same way. A refused replication connection is
+//! only closed and logged: it is not fatal, since the link's own handshake
+//! stops a pair whose settings differ. Both sides then switch to
+//! [`replication_codec`] (keeping any bytes already buffered) and exchange
+//! raw binary frames whose content the replication layer defines; this
+//! module never looks at them. The acceptor reports the connection as
+//! [`LinkEvent::Replication`], the dialer gets it from [`dial_replication`],
+//! both as a [`ReplicationStream`]. Replication connections are accepted by
+//! either role, do not count as the link, and do not change its state.
+//!
 //! # Liveness
 //!
 //! Each side sends [`Message::Ping`] every `ping_interval` (answered with
@@ -42,6 +71,9 @@
 //! stall, a TCP retransmission, a slow disk sync on the peer) without
 //! declaring a live peer dead, while still bounding detection of a silent
 //! peer to a few intervals; a closed socket is reported at once.
+//! Replication connections have no heartbeat of their own here: the
+//! replication layer watches them, and the link's liveness decides the HA
+//! state.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,7 +86,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, timeout, Instant, MissedTickBehavior};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Framed, FramedParts, LengthDelimitedCodec};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{self, HaConfig};
@@ -62,9 +94,13 @@ use crate::error::{Error, Result};
 use crate::state::{Role, State};
 
 /// Version of the HA channel protocol; both servers must speak the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: [`Message::Replicate`] and the position in [`Message::State`].
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest message, in bytes of JSON.
 pub const MAX_MESSAGE: usize = 1024 * 1024;
+/// Largest frame on a replication connection, in bytes.
+pub const MAX_REPLICATION_FRAME: usize = 64 * 1024 * 1024;
 /// The link is down after this many ping intervals without any message.
 pub const MISSED_PINGS: u32 = 3;
 /// Shortest redial delay of the primary.
@@ -131,6 +167,10 @@ pub enum Message {
         current: State,
         /// State before it.
         previous: State,
+        /// The sender's repository (epoch, sequence) at the time of the
+        /// broadcast, if it has one to tell (replicated mode).
+        #[serde(default)]
+        position: Option<(u64, u64)>,
     },
     /// Heartbeat.
     Ping {
@@ -149,6 +189,9 @@ pub enum Message {
         /// The payload.
         payload: Vec<u8>,
     },
+    /// First message of the dialer of a replication connection, instead of
+    /// `Hello`; see the [module documentation](self).
+    Replicate(Greeting),
 }
 
 impl Message {
@@ -161,6 +204,7 @@ impl Message {
             Message::Ping { .. } => "Ping",
             Message::Pong { .. } => "Pong",
             Message::Data { .. } => "Data",
+            Message::Replicate(_) => "Replicate",
         }
     }
 }
@@ -172,6 +216,16 @@ pub fn codec() -> LengthDelimitedCodec {
         .length_field_length(4)
         .big_endian()
         .max_frame_length(MAX_MESSAGE)
+        .new_codec()
+}
+
+/// The frame codec of replication connections after their handshake:
+/// `u32` big-endian length, at most [`MAX_REPLICATION_FRAME`] bytes.
+pub fn replication_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(MAX_REPLICATION_FRAME)
         .new_codec()
 }
 
@@ -197,6 +251,10 @@ pub fn decode(frame: &[u8]) -> Result<Message> {
 /// What the channel reports to the HA manager.
 #[derive(Debug)]
 #[non_exhaustive]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "events are few and queued by value; a Box would only move the stream's cost to the allocator and the receiver's patterns"
+)]
 pub enum LinkEvent {
     /// A link to the peer completed its handshake.
     Up {
@@ -214,6 +272,9 @@ pub enum LinkEvent {
         current: State,
         /// The peer's state before it.
         previous: State,
+        /// The peer's repository (epoch, sequence) when it sent this, if
+        /// it told one.
+        position: Option<(u64, u64)>,
     },
     /// The handshake was refused by either side: fatal, the channel has
     /// stopped and the server must stop. [`Error::Mismatch`] lists the
@@ -227,6 +288,20 @@ pub enum LinkEvent {
         /// See [`Message::Data`].
         payload: Vec<u8>,
     },
+    /// The peer dialed a replication connection to us and its handshake
+    /// succeeded; the stream is the receiver's to use. The link is not
+    /// affected.
+    Replication(ReplicationStream),
+}
+
+/// A replication connection after its handshake, on either side: raw
+/// binary frames in [`replication_codec`] both ways.
+#[derive(Debug)]
+pub struct ReplicationStream {
+    /// The connection, framed with [`replication_codec`].
+    pub framed: Framed<TcpStream, LengthDelimitedCodec>,
+    /// The peer's greeting.
+    pub peer: Greeting,
 }
 
 /// The HA channel; see the [module documentation](self).
@@ -283,9 +358,26 @@ pub struct ChannelHandle {
 impl ChannelHandle {
     /// Sends our state on the live link, if any, and remembers it: it is
     /// sent again first thing after every new handshake, so the peer always
-    /// knows our present and previous state.
+    /// knows our present and previous state. Tells no repository position;
+    /// see [`broadcast_state_at`](Self::broadcast_state_at).
     pub fn broadcast_state(&self, current: State, previous: State) {
-        let _ = self.commands.send(Command::State { current, previous });
+        self.broadcast_state_at(current, previous, None);
+    }
+
+    /// [`broadcast_state`](Self::broadcast_state) with our repository
+    /// (epoch, sequence) at this moment; the position is remembered and
+    /// re-sent with the state.
+    pub fn broadcast_state_at(
+        &self,
+        current: State,
+        previous: State,
+        position: Option<(u64, u64)>,
+    ) {
+        let _ = self.commands.send(Command::State(Broadcast {
+            current,
+            previous,
+            position,
+        }));
     }
 
     /// Queues opaque data on the live link. Fails when no link is up or
@@ -331,8 +423,26 @@ fn not_connected() -> Error {
 
 #[derive(Debug)]
 enum Command {
-    State { current: State, previous: State },
+    State(Broadcast),
     Shutdown,
+}
+
+/// A state broadcast, as remembered for the next link.
+#[derive(Debug, Clone, Copy)]
+struct Broadcast {
+    current: State,
+    previous: State,
+    position: Option<(u64, u64)>,
+}
+
+impl Broadcast {
+    fn message(self) -> Message {
+        Message::State {
+            current: self.current,
+            previous: self.previous,
+            position: self.position,
+        }
+    }
 }
 
 type Wire = Framed<TcpStream, LengthDelimitedCodec>;
@@ -367,6 +477,7 @@ struct Established {
 #[derive(Debug)]
 enum Internal {
     Link(Box<Established>),
+    Replication(Box<ReplicationStream>),
     Fatal(Error),
     Down { id: u64, reason: String },
 }
@@ -389,17 +500,17 @@ async fn actor(
     if local.role == Role::Primary {
         children.spawn(dial(local.clone(), int_tx.clone()));
     }
-    let mut remembered: Option<(State, State)> = None;
+    let mut remembered: Option<Broadcast> = None;
     let mut link: Option<Live> = None;
     let mut next_id: u64 = 0;
     loop {
         tokio::select! {
             command = commands.recv() => match command {
                 None | Some(Command::Shutdown) => break,
-                Some(Command::State { current, previous }) => {
-                    remembered = Some((current, previous));
+                Some(Command::State(broadcast)) => {
+                    remembered = Some(broadcast);
                     if let Some(live) = &link {
-                        let _ = live.control.send(Message::State { current, previous });
+                        let _ = live.control.send(broadcast.message());
                     }
                 }
             },
@@ -426,8 +537,8 @@ async fn actor(
                         break;
                     }
                     let (control, control_rx) = mpsc::unbounded_channel();
-                    if let Some((current, previous)) = remembered {
-                        let _ = control.send(Message::State { current, previous });
+                    if let Some(broadcast) = remembered {
+                        let _ = control.send(broadcast.message());
                     }
                     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
                     next_id += 1;
@@ -442,6 +553,11 @@ async fn actor(
                     ));
                     data_slot.send_replace(Some(data_tx));
                     link = Some(Live { id: next_id, control, abort });
+                }
+                Internal::Replication(stream) => {
+                    if events.send(LinkEvent::Replication(*stream)).await.is_err() {
+                        break;
+                    }
                 }
                 Internal::Down { id, reason } => {
                     if link.as_ref().is_some_and(|l| l.id == id) {
@@ -510,7 +626,8 @@ async fn listen(local: Arc<Local>, int_tx: mpsc::Sender<Internal>) {
     }
 }
 
-/// Runs the handshake of an accepted connection.
+/// Runs the handshake of an accepted connection: a link or a replication
+/// connection, as the peer's first message says.
 async fn inbound(
     local: Arc<Local>,
     stream: TcpStream,
@@ -519,8 +636,21 @@ async fn inbound(
 ) {
     let _ = stream.set_nodelay(local.nodelay);
     let mut wire = Framed::new(stream, codec());
-    match timeout(local.init, handshake(&mut wire, &local)).await {
-        Ok(Ok(peer)) => {
+    match timeout(local.init, accept(&mut wire, &local)).await {
+        Ok(Ok(Opened::Replication(peer))) => {
+            // Either role accepts these; they are not the link.
+            info!(%addr, peer = %peer.server, role = %peer.role, "HA replication connection accepted");
+            let stream = ReplicationStream {
+                framed: into_replication(wire),
+                peer,
+            };
+            let _ = int_tx.send(Internal::Replication(Box::new(stream))).await;
+        }
+        Ok(Err(Handshake::Declined { peer, reason })) => {
+            error!(%addr, %peer, %reason, "refusing a replication connection from the HA peer");
+            linger(&mut wire).await;
+        }
+        Ok(Ok(Opened::Link(peer))) => {
             if local.role == Role::Primary {
                 // Only the primary's own connection is a link (module docs).
                 warn!(%addr, peer = %peer.server, "ignoring an HA connection dialed by the secondary");
@@ -603,7 +733,7 @@ async fn dial(local: Arc<Local>, int_tx: mpsc::Sender<Internal>) {
                 let _ = int_tx.send(Internal::Fatal(e)).await;
                 return;
             }
-            Ok(Err(Handshake::Drop(reason))) => {
+            Ok(Err(Handshake::Drop(reason) | Handshake::Declined { reason, .. })) => {
                 warn!(%target, %reason, "HA connection dropped during the handshake");
             }
             Err(_) => warn!(
@@ -620,6 +750,22 @@ enum Handshake {
     Fatal(Error),
     /// Not a usable peer (garbage, closed, I/O error): drop the socket.
     Drop(String),
+    /// A replication connection we refused (and told so): drop the
+    /// socket, nothing else.
+    Declined {
+        /// The dialer's server name.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What an accepted connection turned out to be.
+enum Opened {
+    /// The heartbeat link, with the peer's greeting.
+    Link(Greeting),
+    /// A replication connection, with the dialer's greeting.
+    Replication(Greeting),
 }
 
 async fn send(wire: &mut Wire, message: &Message) -> Result<()> {
@@ -636,19 +782,60 @@ async fn receive(wire: &mut Wire) -> Result<Message, String> {
     }
 }
 
+/// The dialer's side of the link handshake.
 async fn handshake(wire: &mut Wire, local: &Local) -> Result<Greeting, Handshake> {
+    match hello(wire, local).await? {
+        Message::Hello(theirs) => link_handshake(wire, local, theirs).await,
+        other => Err(Handshake::Drop(format!(
+            "expected Hello, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// The acceptor's side: a link handshake, or a replication one if the
+/// peer opens with `Replicate`.
+async fn accept(wire: &mut Wire, local: &Local) -> Result<Opened, Handshake> {
+    match hello(wire, local).await? {
+        Message::Hello(theirs) => link_handshake(wire, local, theirs).await.map(Opened::Link),
+        Message::Replicate(theirs) => {
+            if let Some(refusal) = verdict(local, &theirs) {
+                let refuse = Message::Refuse {
+                    reason: refusal.reason.clone(),
+                    mismatched: refusal.mismatched,
+                };
+                let _ = send(wire, &refuse).await;
+                return Err(Handshake::Declined {
+                    peer: theirs.server,
+                    reason: refusal.reason,
+                });
+            }
+            send(wire, &Message::Welcome(local.greeting.clone()))
+                .await
+                .map_err(|e| Handshake::Drop(e.to_string()))?;
+            Ok(Opened::Replication(theirs))
+        }
+        other => Err(Handshake::Drop(format!(
+            "expected Hello or Replicate, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// Sends our `Hello` and returns the peer's first message.
+async fn hello(wire: &mut Wire, local: &Local) -> Result<Message, Handshake> {
     send(wire, &Message::Hello(local.greeting.clone()))
         .await
         .map_err(|e| Handshake::Drop(e.to_string()))?;
-    let theirs = match receive(wire).await.map_err(Handshake::Drop)? {
-        Message::Hello(g) => g,
-        other => {
-            return Err(Handshake::Drop(format!(
-                "expected Hello, got {}",
-                other.name()
-            )))
-        }
-    };
+    receive(wire).await.map_err(Handshake::Drop)
+}
+
+/// The rest of a link handshake once the peer's `Hello` is in.
+async fn link_handshake(
+    wire: &mut Wire,
+    local: &Local,
+    theirs: Greeting,
+) -> Result<Greeting, Handshake> {
     if let Some(refusal) = verdict(local, &theirs) {
         let refuse = Message::Refuse {
             reason: refusal.reason.clone(),
@@ -700,7 +887,16 @@ struct Refusal {
 
 /// Why we refuse `theirs`, if we do.
 fn verdict(local: &Local, theirs: &Greeting) -> Option<Refusal> {
-    let ours = &local.greeting;
+    judge(&local.greeting, &local.must_match, theirs)
+}
+
+/// Why a server greeting with `ours` and sharing `must_match` refuses
+/// `theirs`, if it does.
+fn judge(
+    ours: &Greeting,
+    must_match: &[(&'static str, String)],
+    theirs: &Greeting,
+) -> Option<Refusal> {
     let plain = |reason: String, error: Error| Refusal {
         reason,
         mismatched: Vec::new(),
@@ -724,7 +920,7 @@ fn verdict(local: &Local, theirs: &Greeting) -> Option<Refusal> {
         let reason = format!("both servers are configured as {}", ours.role);
         return Some(plain(reason.clone(), Error::Config(reason)));
     }
-    let keys = config::mismatched(&local.must_match, &theirs.settings);
+    let keys = config::mismatched(must_match, &theirs.settings);
     if !keys.is_empty() {
         let error = Error::Mismatch(keys.clone());
         return Some(Refusal {
@@ -734,6 +930,131 @@ fn verdict(local: &Local, theirs: &Greeting) -> Option<Refusal> {
         });
     }
     None
+}
+
+/// Dials a replication connection to the peer's HA port
+/// (`backup_ha_ip_address:backup_ha_port`) and runs its handshake (see the
+/// [module documentation](self)): connecting must succeed within
+/// `socket_creation_timeout`, the handshake within
+/// `socket_initialization_timeout`. A refusal by the peer is
+/// [`Error::Mismatch`] (differing settings) or [`Error::Config`]; a peer
+/// `Hello` this server cannot accept gives the error the link's handshake
+/// would. Every error but [`Error::Mismatch`], whose text is the seed's,
+/// names the target address.
+pub async fn dial_replication(config: &HaConfig, server_name: &str) -> Result<ReplicationStream> {
+    let host = config.backup_ha_ip_address.as_str();
+    let port = config.backup_ha_port;
+    let target = format!("{host}:{port}");
+    let creation = Duration::from_millis(config.socket_creation_timeout.max(1));
+    let init = Duration::from_millis(config.socket_initialization_timeout.max(1));
+    let stream = match timeout(creation, TcpStream::connect((host, port))).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(naming(&target, Error::Io(e))),
+        Err(_) => {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not connected within {} ms", creation.as_millis()),
+            );
+            return Err(naming(&target, Error::Io(e)));
+        }
+    };
+    let _ = stream.set_nodelay(!config.nagle_algo);
+    let ours = Greeting::new(config, server_name.to_owned());
+    let mut wire = Framed::new(stream, codec());
+    let peer = match timeout(init, replicate(&mut wire, &ours, &config.must_match())).await {
+        Ok(Ok(peer)) => peer,
+        Ok(Err(e)) => return Err(naming(&target, e)),
+        Err(_) => {
+            let e = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the replication handshake did not complete within {} ms",
+                    init.as_millis()
+                ),
+            );
+            return Err(naming(&target, Error::Io(e)));
+        }
+    };
+    info!(%target, peer = %peer.server, role = %peer.role, "HA replication connection established");
+    Ok(ReplicationStream {
+        framed: into_replication(wire),
+        peer,
+    })
+}
+
+/// The dialer's side of a replication handshake.
+async fn replicate(
+    wire: &mut Wire,
+    ours: &Greeting,
+    must_match: &[(&'static str, String)],
+) -> Result<Greeting> {
+    send(wire, &Message::Replicate(ours.clone())).await?;
+    let theirs = match receive_message(wire).await? {
+        Message::Hello(g) => g,
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected Hello, got {}",
+                other.name()
+            )))
+        }
+    };
+    if let Some(refusal) = judge(ours, must_match, &theirs) {
+        error!(peer = %theirs.server, reason = %refusal.reason, "refusing the HA peer's replication connection");
+        return Err(refusal.error);
+    }
+    match receive_message(wire).await? {
+        Message::Welcome(_) => Ok(theirs),
+        Message::Refuse { reason, mismatched } => {
+            error!(peer = %theirs.server, %reason, "the HA peer refused the replication connection");
+            Err(if mismatched.is_empty() {
+                Error::Config(format!(
+                    "the HA peer {} refused the replication connection: {reason}",
+                    theirs.server
+                ))
+            } else {
+                Error::Mismatch(mismatched)
+            })
+        }
+        other => Err(Error::Protocol(format!(
+            "expected Welcome, got {}",
+            other.name()
+        ))),
+    }
+}
+
+async fn receive_message(wire: &mut Wire) -> Result<Message> {
+    match wire.next().await {
+        None => Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed by the peer",
+        ))),
+        Some(Err(e)) => Err(Error::Io(e)),
+        Some(Ok(frame)) => decode(&frame),
+    }
+}
+
+/// `e` with the replication target in its text; [`Error::Mismatch`] keeps
+/// the seed's wording.
+fn naming(target: &str, e: Error) -> Error {
+    let at = format!("replication connection to the HA peer at {target}");
+    match e {
+        Error::Io(e) => Error::Io(std::io::Error::new(e.kind(), format!("{at}: {e}"))),
+        Error::Protocol(m) => Error::Protocol(format!("{at}: {m}")),
+        Error::Config(m) => Error::Config(format!("{at}: {m}")),
+        other => other,
+    }
+}
+
+/// Re-frames a connection after its handshake with [`replication_codec`].
+/// The bytes already read (the peer may send its first frames right behind
+/// its last handshake message) and not yet written are kept; the old codec
+/// is between frames, as the handshake only stops after a whole message.
+fn into_replication(wire: Wire) -> Framed<TcpStream, LengthDelimitedCodec> {
+    let old = wire.into_parts();
+    let mut parts = FramedParts::new::<Bytes>(old.io, replication_codec());
+    parts.read_buf = old.read_buf;
+    parts.write_buf = old.write_buf;
+    Framed::from_parts(parts)
 }
 
 /// Runs an established link until it fails; reports the reason to the
@@ -778,8 +1099,8 @@ async fn link_loop(
                 match decode(&frame) {
                     Ok(Message::Ping { seq }) => Some(Message::Pong { seq }),
                     Ok(Message::Pong { .. }) => None,
-                    Ok(Message::State { current, previous }) => {
-                        if events.send(LinkEvent::PeerState { current, previous }).await.is_err() {
+                    Ok(Message::State { current, previous, position }) => {
+                        if events.send(LinkEvent::PeerState { current, previous, position }).await.is_err() {
                             return "the HA channel is stopping".into();
                         }
                         None
@@ -855,6 +1176,8 @@ mod tests {
             socket_initialization_timeout: 60_000,
             nagle_algo: false,
             max_wait_timeout: 30_000,
+            replication: Default::default(),
+            replication_log_batches: 1000,
         }
     }
 
@@ -887,7 +1210,14 @@ mod tests {
             Message::State {
                 current: State::Active,
                 previous: State::Activating,
+                position: None,
             },
+            Message::State {
+                current: State::Passive,
+                previous: State::Dead,
+                position: Some((3, u64::MAX)),
+            },
+            Message::Replicate(Greeting::new(&config(Role::Secondary), "s".into())),
             Message::Ping { seq: 7 },
             Message::Data {
                 kind: "batch".into(),
@@ -901,6 +1231,28 @@ mod tests {
             .expect("utf8");
         assert_eq!(json, r#"{"type":"Pong","seq":3}"#);
         assert!(decode(b"{\"type\":\"Nope\"}").is_err());
+    }
+
+    #[test]
+    fn a_state_without_position_still_decodes() {
+        let m = decode(br#"{"type":"State","current":"ACTIVE","previous":"ACTIVATING"}"#)
+            .expect("decode");
+        assert_eq!(
+            m,
+            Message::State {
+                current: State::Active,
+                previous: State::Activating,
+                position: None,
+            }
+        );
+        let json = encode(&Message::State {
+            current: State::Active,
+            previous: State::Passive,
+            position: Some((2, 17)),
+        })
+        .expect("encode");
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(v["position"], serde_json::json!([2, 17]));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! FerroMQ high availability: two servers (primary and secondary) that
 //! clients see as one broker, after the FioranoMQ HA model.
 //!
-//! - [`machine`]: the sans-IO state machine, `(state, event) -> actions`,
+//! - [`machine`] (shared mode) and [`replicated`] (replicated mode): the
+//!   sans-IO state machines, `(state, event) -> actions`,
 //!   with no clock and no sockets, so every transition is a unit test;
 //! - [`lock`]: the lock file on the gateway machine (fcntl OFD locks), with
 //!   holder identity and epoch;
@@ -20,6 +21,8 @@ pub mod gateway;
 pub mod heartbeat;
 pub mod lock;
 pub mod machine;
+pub mod replicated;
+pub mod replication;
 
 pub use config::{HaConfig, Mode};
 pub use error::{Error, Result};

@@ -166,13 +166,24 @@ impl LockFile {
     ///
     /// An empty or unparseable file counts as epoch 0.
     pub fn take_over(&mut self, server: &str) -> Result<u64> {
+        self.take_over_after(server, 0)
+    }
+
+    /// [`take_over`](Self::take_over), with an epoch also greater than
+    /// `at_least_after`: a replicated server passes its store's epoch, so a
+    /// reset or different lock file never hands out an epoch its history
+    /// has already used.
+    pub fn take_over_after(&mut self, server: &str, at_least_after: u64) -> Result<u64> {
         if !self.held {
             return Err(Error::LockFile(format!(
                 "lock file {}: cannot write the holder without holding the lock",
                 self.path.display()
             )));
         }
-        let previous = self.read_holder()?.map_or(0, |h| h.epoch);
+        let previous = self
+            .read_holder()?
+            .map_or(0, |h| h.epoch)
+            .max(at_least_after);
         let epoch = previous.checked_add(1).ok_or_else(|| {
             Error::LockFile(format!("lock file {}: epoch overflow", self.path.display()))
         })?;

@@ -4,7 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use fmq_ha::heartbeat::{self, Channel, ChannelHandle, Greeting, LinkEvent, Message};
+use bytes::Bytes;
+use fmq_ha::heartbeat::{
+    self, Channel, ChannelHandle, Greeting, LinkEvent, Message, ReplicationStream,
+};
 use fmq_ha::{Error, HaConfig, Mode, Role, State};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,6 +39,8 @@ fn config(role: Role, port: u16, peer_port: u16) -> HaConfig {
         socket_initialization_timeout: 1000,
         nagle_algo: false,
         max_wait_timeout: 5000,
+        replication: Default::default(),
+        replication_log_batches: 1000,
     }
 }
 
@@ -127,7 +132,9 @@ async fn pair() -> Pair {
 
 fn peer_state(e: &LinkEvent) -> Option<(State, State)> {
     match e {
-        LinkEvent::PeerState { current, previous } => Some((*current, *previous)),
+        LinkEvent::PeerState {
+            current, previous, ..
+        } => Some((*current, *previous)),
         _ => None,
     }
 }
@@ -478,4 +485,328 @@ async fn a_newer_link_replaces_a_half_open_one() {
     }
     expect(&mut se, SOON, "Up", is_up).await;
     s.shutdown().await;
+}
+
+fn peer_position(e: &LinkEvent) -> Option<Option<(u64, u64)>> {
+    match e {
+        LinkEvent::PeerState { position, .. } => Some(*position),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_position_in_state_reaches_the_peer_and_is_resent_after_a_reconnect() {
+    let Pair {
+        p,
+        mut pe,
+        s,
+        mut se,
+        p_port,
+        s_port,
+    } = pair().await;
+    p.broadcast_state_at(State::Active, State::Activating, Some((3, 42)));
+    let got = expect(&mut se, SOON, "state", |e| peer_state(e).is_some()).await;
+    assert_eq!(peer_state(&got), Some((State::Active, State::Activating)));
+    assert_eq!(peer_position(&got), Some(Some((3, 42))));
+
+    // Without a position, none arrives.
+    s.broadcast_state(State::Passive, State::Dead);
+    let got = expect(&mut pe, SOON, "state", |e| peer_state(e).is_some()).await;
+    assert_eq!(peer_position(&got), Some(None));
+
+    // A new secondary gets the remembered state with its position.
+    s.shutdown().await;
+    expect(&mut pe, SOON, "primary Down", is_down).await;
+    let (s2, mut se2) = Channel::start(
+        &config(Role::Secondary, s_port, p_port),
+        "secondary-2".into(),
+    );
+    expect(&mut se2, SOON, "secondary-2 Up", is_up).await;
+    let got = expect(&mut se2, SOON, "re-sent state", |e| peer_state(e).is_some()).await;
+    assert_eq!(peer_state(&got), Some((State::Active, State::Activating)));
+    assert_eq!(peer_position(&got), Some(Some((3, 42))));
+    p.shutdown().await;
+    s2.shutdown().await;
+}
+
+/// Waits for a replication connection, failing on any link change before.
+async fn expect_replication(rx: &mut Events, who: &str) -> ReplicationStream {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some(LinkEvent::Replication(stream))) => return stream,
+            Ok(Some(LinkEvent::PeerState { .. } | LinkEvent::Data { .. })) => {}
+            Ok(Some(ev)) => panic!("{who}: unexpected {ev:?}"),
+            Ok(None) => panic!("{who}: channel stopped"),
+            Err(_) => panic!("{who}: no replication connection within {SOON:?}"),
+        }
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Bytes {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Sends a small, a 5 MiB and an empty frame from `from` to `to`.
+async fn one_way(from: &mut ReplicationStream, to: &mut ReplicationStream, seed: u8) {
+    let sent = vec![
+        pattern(1, seed),
+        pattern(5 * 1024 * 1024, seed),
+        Bytes::new(),
+    ];
+    let writer = async {
+        for f in sent.clone() {
+            from.framed.send(f).await.unwrap();
+        }
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        for _ in 0..sent.len() {
+            got.push(to.framed.next().await.unwrap().unwrap().freeze());
+        }
+        got
+    };
+    let ((), got) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(writer, reader)
+    })
+    .await
+    .expect("frames flow");
+    assert!(got == sent, "seed {seed}: frames differ");
+}
+
+/// Frames each way, then 5 MiB both ways at once.
+async fn exchange(a: &mut ReplicationStream, b: &mut ReplicationStream) {
+    one_way(a, b, 1).await;
+    one_way(b, a, 2).await;
+    // Both directions at the same time.
+    let big = pattern(5 * 1024 * 1024, 9);
+    let (ra, rb) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(
+            async {
+                a.framed.send(big.clone()).await.unwrap();
+                a.framed.next().await.unwrap().unwrap()
+            },
+            async {
+                b.framed.send(big.clone()).await.unwrap();
+                b.framed.next().await.unwrap().unwrap()
+            }
+        )
+    })
+    .await
+    .expect("frames flow both ways");
+    assert!(ra == big && rb == big);
+}
+
+#[tokio::test]
+async fn replication_connections_are_accepted_by_both_roles_and_leave_the_link_alone() {
+    let Pair {
+        p,
+        mut pe,
+        s,
+        mut se,
+        p_port,
+        s_port,
+    } = pair().await;
+
+    // The secondary dials the primary, then the primary the secondary.
+    let cases = [
+        (
+            config(Role::Secondary, s_port, p_port),
+            "secondary",
+            &mut pe,
+            Role::Primary,
+        ),
+        (
+            config(Role::Primary, p_port, s_port),
+            "primary",
+            &mut se,
+            Role::Secondary,
+        ),
+    ];
+    for (cfg, name, acceptor_events, acceptor_role) in cases {
+        let mut dialed = heartbeat::dial_replication(&cfg, name).await.unwrap();
+        assert_eq!(dialed.peer.role, acceptor_role);
+        let mut accepted = expect_replication(acceptor_events, name).await;
+        assert_eq!(accepted.peer.server, name);
+        assert_eq!(accepted.peer.role, cfg.role);
+        exchange(&mut dialed, &mut accepted).await;
+    }
+
+    // The link did not notice: no Down, no Up, still carrying states.
+    quiet(&mut pe, Duration::from_millis(4 * PING), "primary").await;
+    quiet(&mut se, Duration::from_millis(100), "secondary").await;
+    assert!(p.is_up() && s.is_up());
+    p.broadcast_state(State::Active, State::Activating);
+    let got = expect(&mut se, SOON, "state", |e| peer_state(e).is_some()).await;
+    assert_eq!(peer_state(&got), Some((State::Active, State::Activating)));
+    p.shutdown().await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replication_dial_with_other_settings_is_refused_and_the_channel_runs_on() {
+    let Pair {
+        p,
+        mut pe,
+        s,
+        mut se,
+        p_port,
+        s_port,
+    } = pair().await;
+    let slow = HaConfig {
+        ping_interval: 200,
+        ..config(Role::Secondary, s_port, p_port)
+    };
+    match heartbeat::dial_replication(&slow, "secondary").await {
+        Err(Error::Mismatch(keys)) => assert_eq!(keys, ["PingInterval"]),
+        other => panic!("{other:?}"),
+    }
+    quiet(&mut pe, Duration::from_millis(4 * PING), "primary").await;
+    quiet(&mut se, Duration::from_millis(100), "secondary").await;
+    assert!(p.is_up() && s.is_up());
+    s.broadcast_state(State::Passive, State::Dead);
+    let got = expect(&mut pe, SOON, "state", |e| peer_state(e).is_some()).await;
+    assert_eq!(peer_state(&got), Some((State::Passive, State::Dead)));
+    // A good replication connection still works.
+    let good = config(Role::Secondary, s_port, p_port);
+    heartbeat::dial_replication(&good, "secondary")
+        .await
+        .unwrap();
+    expect_replication(&mut pe, "primary").await;
+    p.shutdown().await;
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replication_dial_to_a_closed_port_names_the_address() {
+    let (port, other) = free_ports().await;
+    let err = heartbeat::dial_replication(&config(Role::Primary, other, port), "primary")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+}
+
+/// A hand-made acceptor on a free port that answers a replication dial
+/// with `replies` (after its `Hello`), written in one go behind it.
+async fn fake_acceptor(replies: Vec<Bytes>) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut wire = Framed::new(stream, heartbeat::codec());
+        let first = heartbeat::decode(&wire.next().await.unwrap().unwrap()).unwrap();
+        assert!(matches!(first, Message::Replicate(_)), "{first:?}");
+        let mut raw = Vec::new();
+        let hello = Greeting::new(&config(Role::Secondary, port, 1), "fake".into());
+        for body in
+            std::iter::once(heartbeat::encode(&Message::Hello(hello)).unwrap()).chain(replies)
+        {
+            raw.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            raw.extend_from_slice(&body);
+        }
+        let mut stream = wire.into_inner();
+        stream.write_all(&raw).await.unwrap();
+        // Keep the socket open until the dialer is done.
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink).await;
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn frames_right_behind_the_handshake_are_not_lost() {
+    // Dialer side: the acceptor's first frame arrives with its Welcome.
+    let welcome = Greeting::new(&config(Role::Secondary, 1, 1), "fake".into());
+    let (port, task) = fake_acceptor(vec![
+        heartbeat::encode(&Message::Welcome(welcome)).unwrap(),
+        Bytes::from_static(b"first"),
+        pattern(2 * 1024 * 1024, 5),
+    ])
+    .await;
+    let mut dialed = heartbeat::dial_replication(&config(Role::Primary, 1, port), "primary")
+        .await
+        .unwrap();
+    assert_eq!(dialed.framed.next().await.unwrap().unwrap(), &b"first"[..]);
+    assert!(dialed.framed.next().await.unwrap().unwrap() == pattern(2 * 1024 * 1024, 5));
+    drop(dialed);
+    task.await.unwrap();
+
+    // Acceptor side: the dialer's first frame arrives with its Replicate.
+    let (p_port, s_port) = free_ports().await;
+    let (s, mut se) = Channel::start(&config(Role::Secondary, s_port, p_port), "secondary".into());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let g = Greeting::new(&config(Role::Primary, p_port, s_port), "fake".into());
+    let mut raw = Vec::new();
+    for body in [
+        heartbeat::encode(&Message::Replicate(g)).unwrap(),
+        Bytes::from_static(b"early"),
+    ] {
+        raw.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        raw.extend_from_slice(&body);
+    }
+    let mut dialer = TcpStream::connect(("127.0.0.1", s_port)).await.unwrap();
+    dialer.write_all(&raw).await.unwrap();
+    let mut accepted = expect_replication(&mut se, "secondary").await;
+    assert_eq!(
+        accepted.framed.next().await.unwrap().unwrap(),
+        &b"early"[..]
+    );
+    let mut wire = Framed::new(dialer, heartbeat::codec());
+    for expected in ["Hello", "Welcome"] {
+        let m = heartbeat::decode(&wire.next().await.unwrap().unwrap()).unwrap();
+        assert!(format!("{m:?}").starts_with(expected), "{m:?}");
+    }
+    assert!(!s.is_up(), "a replication connection is not the link");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refusal_by_the_acceptor_is_reported_to_the_dialer() {
+    let refuse = |mismatched: Vec<String>| {
+        heartbeat::encode(&Message::Refuse {
+            reason: "no".into(),
+            mismatched,
+        })
+        .unwrap()
+    };
+    let (port, task) = fake_acceptor(vec![refuse(vec!["LockFile".into()])]).await;
+    match heartbeat::dial_replication(&config(Role::Primary, 1, port), "primary").await {
+        Err(Error::Mismatch(keys)) => assert_eq!(keys, ["LockFile"]),
+        other => panic!("{other:?}"),
+    }
+    task.await.unwrap();
+
+    let (port, task) = fake_acceptor(vec![refuse(vec![])]).await;
+    match heartbeat::dial_replication(&config(Role::Primary, 1, port), "primary").await {
+        Err(Error::Config(reason)) => {
+            assert!(reason.contains(&format!("127.0.0.1:{port}")), "{reason}");
+            assert!(reason.contains("no"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    task.await.unwrap();
+
+    // An acceptor that says Hello and then nothing: the dial times out.
+    let (port, task) = fake_acceptor(vec![]).await;
+    let cfg = HaConfig {
+        socket_initialization_timeout: 300,
+        ..config(Role::Primary, 1, port)
+    };
+    let started = Instant::now();
+    let err = heartbeat::dial_replication(&cfg, "primary")
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}")) && text.contains("300 ms"),
+        "{text}"
+    );
+    task.await.unwrap();
 }

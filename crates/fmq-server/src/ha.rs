@@ -44,10 +44,8 @@ pub async fn run(
     db_path: PathBuf,
     info: ServerInfo,
 ) -> Result<()> {
-    if ha.mode != Mode::Shared {
-        return Err(anyhow!(
-            "ha.mode = \"replicated\" is not available yet in this version; use \"shared\""
-        ));
+    if ha.mode == Mode::Replicated {
+        return crate::ha_rpl::run(profile, ha, client, admin_listener, db_path, info).await;
     }
     ha.validate()?;
     let lock_path = ha.lock_file.clone().unwrap_or_default();
@@ -196,7 +194,7 @@ pub async fn run(
                     tracing::info!(%reason, "HA link to the backup server is down");
                     events.push_back(Event::LinkDown);
                 }
-                Some(LinkEvent::PeerState { current, previous }) => events.push_back(Event::PeerState { current, previous }),
+                Some(LinkEvent::PeerState { current, previous, .. }) => events.push_back(Event::PeerState { current, previous }),
                 Some(LinkEvent::Refused(e)) => {
                     tracing::error!("{e}");
                     fatal = Some(anyhow!("{e}"));
@@ -243,7 +241,7 @@ pub async fn run(
     }
 }
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -296,7 +294,7 @@ fn publish(
 
 /// Owns the client port: connections go to the broker while this server
 /// serves, and get a STOMP ERROR naming the state otherwise.
-async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     broker: watch::Receiver<Option<Arc<Broker>>>,
     state: watch::Receiver<State>,

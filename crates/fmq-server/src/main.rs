@@ -10,6 +10,7 @@
 
 mod admin;
 mod ha;
+mod ha_rpl;
 mod profile;
 mod run;
 

@@ -86,19 +86,27 @@ pub fn stop_on_signals(shutdown: tokio::sync::watch::Sender<bool>) {
 
 /// Opens the store and starts a broker on it, creating the initial admin
 /// user on an empty store.
-pub async fn start_broker(
+/// Opens the RocksDB store of a profile; `log_retention` batches are kept
+/// in its batch log (0 for none; replicated HA keeps one).
+pub fn open_store(
     profile: &Profile,
     db_path: &std::path::Path,
-) -> Result<(Arc<Broker>, Arc<dyn Store>)> {
+    log_retention: u64,
+) -> Result<Arc<RocksStore>> {
     let options = RocksOptions {
         sync: profile.file.store.sync,
+        log_retention,
         ..RocksOptions::default()
     };
-    let store: Arc<dyn Store> = Arc::new(
-        RocksStore::open(db_path, options)
-            .map_err(|e| anyhow!("cannot open store {}: {e}", db_path.display()))?,
-    );
-    let broker = Arc::new(Broker::start(store.clone(), profile.broker_config())?);
+    Ok(Arc::new(RocksStore::open(db_path, options).map_err(
+        |e| anyhow!("cannot open store {}: {e}", db_path.display()),
+    )?))
+}
+
+/// Starts a broker on `store` and creates the profile's initial admin
+/// user if the store has no principal yet.
+pub async fn start_broker_on(profile: &Profile, store: Arc<dyn Store>) -> Result<Arc<Broker>> {
+    let broker = Arc::new(Broker::start(store, profile.broker_config())?);
     let sec = &profile.file.security;
     if sec.authentication
         && broker
@@ -112,10 +120,18 @@ pub async fn start_broker(
             sec.initial_admin_user
         );
     }
+    Ok(broker)
+}
+
+pub async fn start_broker(
+    profile: &Profile,
+    db_path: &std::path::Path,
+) -> Result<(Arc<Broker>, Arc<dyn Store>)> {
+    let store: Arc<dyn Store> = open_store(profile, db_path, 0)?;
+    let broker = start_broker_on(profile, store.clone()).await?;
     Ok((broker, store))
 }
 
-/// Runs a server until SIGTERM, SIGINT or an admin shutdown.
 pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()> {
     let dir = profile::locate(profile_name)?;
     let profile = Profile::load(&dir)?;

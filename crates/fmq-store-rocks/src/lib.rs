@@ -9,9 +9,12 @@
 //! - group commit: a single writer thread merges all batches queued while
 //!   the previous write was in progress into one `WriteBatch` and one fsync
 //!   (see the `writer` module);
+//! - optionally a batch log ([`Cf::Log`], see
+//!   [`RocksOptions::log_retention`]) written in the same `WriteBatch` as the
+//!   group, for a passive server's catch-up;
 //! - a lock file that keeps a second server off the same directory;
 //! - [`RocksStore::checkpoint`], a consistent copy for a passive server's
-//!   full resync.
+//!   full resync, which reports the exact sequence it holds.
 //!
 //! Errors are reported as [`fmq_store::Error`]. A failed synced write poisons
 //! the store: every later commit fails with [`Error::Poisoned`], because after
@@ -42,13 +45,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
 
-use fmq_store::{decode_sequence, Batch, Cf, Commit, Error, Result, Store, META_SEQUENCE};
-use rocksdb::{checkpoint::Checkpoint, Cache, ColumnFamily, ReadOptions, DB};
+use fmq_store::{
+    decode_sequence, encode_sequence, Batch, Cf, Commit, Error, LoggedBatch, Result, Store,
+    META_SEQUENCE,
+};
+use rocksdb::{Cache, ColumnFamily, ReadOptions, WriteBatch, DB};
 use tracing::{debug, error, info, warn};
 
 pub use options::RocksOptions;
 
-use writer::{Request, Writer};
+use writer::{CheckpointRequest, CommitRequest, Request, Writer};
 
 /// Name of the lock file inside the store directory. RocksDB has its own
 /// `LOCK` file, but it is taken only once the database opens; ours is taken
@@ -90,6 +96,11 @@ struct Shared {
     db: DB,
     path: PathBuf,
     last_sequence: AtomicU64,
+    /// Smallest sequence in [`Cf::Log`]; `last_sequence + 1` when it is
+    /// empty. Published by the writer after the write that prunes the log,
+    /// so it may briefly lag behind the log's real start: readers must
+    /// check what they find.
+    first_logged: AtomicU64,
     /// Set once, by the first failed synced write or WAL sync.
     poisoned: OnceLock<String>,
     stats: Counters,
@@ -97,6 +108,42 @@ struct Shared {
 }
 
 impl Shared {
+    /// Reads where the batch log starts at open and returns it. A log that
+    /// does not end at `sequence` (damaged, or left by a foreign tool) is
+    /// discarded: it could not be trusted to match the data, and the writer
+    /// extends the log from `sequence + 1` on.
+    fn open_log(&self, sequence: u64) -> Result<u64> {
+        let log = self.handle(Cf::Log)?;
+        let mut iter = self.db.raw_iterator_cf(log);
+        iter.seek_to_first();
+        let first = iter.key().map(decode_sequence);
+        iter.seek_to_last();
+        let last = iter.key().map(decode_sequence);
+        iter.status()
+            .map_err(|e| error::engine("reading the batch log bounds", &e))?;
+        drop(iter);
+        match (first, last) {
+            (None, None) => Ok(sequence + 1),
+            (Some(Ok(first)), Some(Ok(last))) if last == sequence && first <= last => Ok(first),
+            (first, last) => {
+                warn!(
+                    path = %self.path.display(),
+                    sequence,
+                    ?first,
+                    ?last,
+                    "batch log does not end at the store's sequence; discarding it"
+                );
+                // Keys are 8 bytes: nine 0xFF bytes sort after all of them.
+                let mut batch = WriteBatch::default();
+                batch.delete_range_cf(log, [0u8; 8].as_slice(), [0xFF_u8; 9].as_slice());
+                self.db
+                    .write(batch)
+                    .map_err(|e| error::engine("discarding the batch log", &e))?;
+                Ok(sequence + 1)
+            }
+        }
+    }
+
     /// The handle of a FerroMQ column family. All of them are created at
     /// open, so a missing one means a damaged or foreign database.
     fn handle(&self, cf: Cf) -> Result<&ColumnFamily> {
@@ -161,6 +208,7 @@ impl RocksStore {
             db,
             path: dir.to_path_buf(),
             last_sequence: AtomicU64::new(0),
+            first_logged: AtomicU64::new(1),
             poisoned: OnceLock::new(),
             stats: Counters::default(),
             _lock: lock,
@@ -174,6 +222,8 @@ impl RocksStore {
             None => 0,
         };
         shared.last_sequence.store(sequence, Ordering::Release);
+        let first_logged = shared.open_log(sequence)?;
+        shared.first_logged.store(first_logged, Ordering::Release);
         let shared = Arc::new(shared);
 
         let (tx, rx) = mpsc::channel();
@@ -181,6 +231,8 @@ impl RocksStore {
             shared: Arc::clone(&shared),
             requests: rx,
             last_sequence: sequence,
+            first_logged,
+            log_retention: options.log_retention,
             sync_enabled: options.sync,
             max_group_bytes: options.max_group_bytes,
         };
@@ -189,7 +241,14 @@ impl RocksStore {
             .spawn(move || writer.run())
             .map_err(|e| error::io("starting the store writer thread", &e))?;
 
-        info!(path = %dir.display(), sequence, sync = options.sync, "store opened");
+        info!(
+            path = %dir.display(),
+            sequence,
+            first_logged,
+            log_retention = options.log_retention,
+            sync = options.sync,
+            "store opened"
+        );
         Ok(RocksStore {
             shared,
             requests: Some(tx),
@@ -198,22 +257,33 @@ impl RocksStore {
     }
 
     /// Writes a consistent copy of the store to `target`, which must not
-    /// exist yet. SST files are hard-linked when `target` is on the same file
-    /// system, so this is cheap even for a large store. Used to seed a
-    /// passive server: open the copy, read its sequence, then replicate the
-    /// batches after it.
+    /// exist yet, and returns the sequence it holds: every batch up to and
+    /// including it, none after, with the batch log as it was then. SST
+    /// files are hard-linked when `target` is on the same file system, so
+    /// this is cheap even for a large store. Used to seed a passive server:
+    /// ship the copy, then replicate the batches after the sequence.
+    ///
+    /// The writer thread takes the checkpoint between two groups, so this
+    /// blocks until the commits queued before it are written, and commits
+    /// made meanwhile wait for the checkpoint (which flushes the memtables).
+    /// Call it from a blocking context, not from an async task.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if `target` exists or the copy cannot be written.
-    pub fn checkpoint(&self, target: &Path) -> Result<()> {
-        let checkpoint = Checkpoint::new(&self.shared.db)
-            .map_err(|e| error::engine("preparing a checkpoint", &e))?;
-        checkpoint
-            .create_checkpoint(target)
-            .map_err(|e| error::engine(&format!("checkpoint to {}", target.display()), &e))?;
-        debug!(target = %target.display(), "checkpoint written");
-        Ok(())
+    /// [`Error::Io`] if `target` exists or the copy cannot be written,
+    /// [`Error::Poisoned`] if the store is, [`Error::Closed`] if its writer
+    /// thread is gone.
+    pub fn checkpoint(&self, target: &Path) -> Result<u64> {
+        self.shared.check_poisoned()?;
+        let requests = self.requests.as_ref().ok_or(Error::Closed)?;
+        let (done, result) = mpsc::channel();
+        let request = Request::Checkpoint(CheckpointRequest {
+            target: target.to_path_buf(),
+            done,
+        });
+        requests.send(request).map_err(|_| Error::Closed)?;
+        // A dropped sender means the writer thread died before answering.
+        result.recv().unwrap_or(Err(Error::Closed))
     }
 
     /// Counters since open.
@@ -292,7 +362,8 @@ impl Store for RocksStore {
             return Commit::ready(Err(Error::Closed));
         };
         let (done, commit) = Commit::pending();
-        if let Err(mpsc::SendError(request)) = requests.send(Request { batch, done }) {
+        let request = Request::Commit(CommitRequest { batch, done });
+        if let Err(mpsc::SendError(Request::Commit(request))) = requests.send(request) {
             // The writer thread is gone (it can only have panicked).
             request.done.send(Err(Error::Closed));
         }
@@ -351,6 +422,80 @@ impl Store for RocksStore {
             return Err(Error::Poisoned(reason));
         }
         Ok(())
+    }
+
+    fn first_logged(&self) -> u64 {
+        self.shared.first_logged.load(Ordering::Acquire)
+    }
+
+    fn read_log(
+        &self,
+        from: u64,
+        max_batches: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LoggedBatch>> {
+        // The sequence first: the writer publishes it before first_logged,
+        // so a first_logged() read afterwards that is above `from` means
+        // the log really has moved past it.
+        let last = self.last_sequence();
+        if from > last {
+            return Ok(Vec::new());
+        }
+        let first = self.first_logged();
+        if from < first {
+            return Err(Error::Truncated { from, first });
+        }
+        let mut read_options = ReadOptions::default();
+        // Batches written but not yet published stay out of this read.
+        read_options.set_iterate_upper_bound(encode_sequence(last + 1));
+        // The iterator reads from an implicit snapshot: a concurrent prune
+        // either removed the whole range before it or none of it.
+        let mut iter = self
+            .shared
+            .db
+            .raw_iterator_cf_opt(self.shared.handle(Cf::Log)?, read_options);
+        iter.seek(encode_sequence(from));
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut expected = from;
+        while out.len() < max_batches && iter.valid() {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            let sequence = decode_sequence(key)?;
+            if sequence != expected {
+                if out.is_empty() && sequence > from {
+                    // Pruned after first_logged was read, and before the
+                    // writer published the new start.
+                    return Err(Error::Truncated {
+                        from,
+                        first: sequence,
+                    });
+                }
+                return Err(Error::Corrupt(format!(
+                    "batch log has batch {sequence} where {expected} belongs"
+                )));
+            }
+            if !out.is_empty() && bytes.saturating_add(value.len()) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(value.len());
+            out.push(LoggedBatch {
+                sequence,
+                bytes: value.to_vec(),
+            });
+            expected += 1;
+            iter.next();
+        }
+        iter.status()
+            .map_err(|e| error::engine("reading the batch log", &e))?;
+        if out.is_empty() && max_batches > 0 {
+            // Nothing at all in from..=last: emptied (no retention) after
+            // first_logged was read.
+            let first = self.first_logged().max(last + 1);
+            return Err(Error::Truncated { from, first });
+        }
+        Ok(out)
     }
 }
 

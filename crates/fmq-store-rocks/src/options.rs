@@ -29,12 +29,19 @@ pub struct RocksOptions {
     /// soon after they are produced, so with a large memtable most message
     /// puts and their deletes meet in memory and never reach an SST file.
     pub write_buffer_bytes: usize,
-    /// Cap on the memtables of all column families together, so eight
-    /// column families cannot hold eight full write buffers at once.
+    /// Cap on the memtables of all column families together, so nine
+    /// column families cannot hold nine full write buffers at once.
     pub total_write_buffer_bytes: usize,
     /// Size of the block cache shared by all column families, used when a
     /// message has been flushed to disk before it is delivered.
     pub block_cache_bytes: usize,
+    /// Number of most recent batches kept in the batch log ([`Cf::Log`]),
+    /// from which a passive server catches up. The log may hold up to
+    /// `max(log_retention / 8, 64)` more before it is pruned, which is done
+    /// by one range delete every so many groups. 0 (the default) writes no
+    /// log, so a standalone broker pays nothing for it; a log already on
+    /// disk is still readable until the first commit, which discards it.
+    pub log_retention: u64,
 }
 
 impl Default for RocksOptions {
@@ -45,6 +52,7 @@ impl Default for RocksOptions {
             write_buffer_bytes: 64 * MIB,
             total_write_buffer_bytes: 256 * MIB,
             block_cache_bytes: 64 * MIB,
+            log_retention: 0,
         }
     }
 }

@@ -11,21 +11,42 @@
 //! A single thread also gives the ordering guarantee for free: requests are
 //! applied in channel order, which is the order of the `commit` calls, and
 //! sequence numbers are handed out by the only code that writes.
+//!
+//! The same thread keeps the batch log ([`Cf::Log`]): each batch's encoded
+//! bytes go into the group's `WriteBatch` under its sequence, and pruning
+//! rides along as a range delete, so the log and the data never disagree.
+//! It also takes checkpoints between two groups, which is what makes the
+//! sequence a checkpoint reports exact.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
 use fmq_store::{encode_sequence, Batch, Cf, CommitSender, Error, Op, META_SEQUENCE};
-use rocksdb::{WriteBatch, WriteOptions};
-use tracing::{error, trace, warn};
+use rocksdb::{checkpoint::Checkpoint, WriteBatch, WriteOptions};
+use tracing::{debug, error, trace, warn};
 
 use crate::Shared;
 
+/// Work for the writer thread, in the order it must be done.
+pub(crate) enum Request {
+    /// A batch to apply.
+    Commit(CommitRequest),
+    /// A checkpoint to take once everything queued before it is written.
+    Checkpoint(CheckpointRequest),
+}
+
 /// A batch waiting for the writer, with the sender that resolves its commit.
-pub(crate) struct Request {
+pub(crate) struct CommitRequest {
     pub(crate) batch: Batch,
     pub(crate) done: CommitSender,
+}
+
+/// Where to write a checkpoint, and where to send its sequence.
+pub(crate) struct CheckpointRequest {
+    pub(crate) target: PathBuf,
+    pub(crate) done: Sender<Result<u64, Error>>,
 }
 
 /// What the writer thread needs besides the shared state.
@@ -34,6 +55,10 @@ pub(crate) struct Writer {
     pub(crate) requests: Receiver<Request>,
     /// Sequence of the last batch written; the next batch gets one more.
     pub(crate) last_sequence: u64,
+    /// Smallest sequence in the batch log, `last_sequence + 1` when empty.
+    pub(crate) first_logged: u64,
+    /// [`RocksOptions::log_retention`](crate::RocksOptions::log_retention).
+    pub(crate) log_retention: u64,
     /// [`RocksOptions::sync`](crate::RocksOptions::sync).
     pub(crate) sync_enabled: bool,
     /// [`RocksOptions::max_group_bytes`](crate::RocksOptions::max_group_bytes).
@@ -61,6 +86,8 @@ impl Writer {
     pub(crate) fn run(mut self) {
         // A request that would have pushed the previous group over the cap:
         // it opens the next group, ahead of anything still in the channel.
+        // A checkpoint request also ends a group, so that it sees exactly
+        // the commits made before it.
         let mut carried: Option<Request> = None;
         loop {
             let first = match carried.take() {
@@ -70,18 +97,29 @@ impl Writer {
                     Err(_) => break,
                 },
             };
+            let first = match first {
+                Request::Commit(request) => request,
+                Request::Checkpoint(request) => {
+                    self.checkpoint(&request);
+                    continue;
+                }
+            };
             let mut bytes = estimated_bytes(&first.batch);
             let mut group = vec![first];
             while bytes < self.max_group_bytes {
                 match self.requests.try_recv() {
-                    Ok(request) => {
+                    Ok(Request::Commit(request)) => {
                         let size = estimated_bytes(&request.batch);
                         if bytes + size > self.max_group_bytes {
-                            carried = Some(request);
+                            carried = Some(Request::Commit(request));
                             break;
                         }
                         bytes += size;
                         group.push(request);
+                    }
+                    Ok(request @ Request::Checkpoint(_)) => {
+                        carried = Some(request);
+                        break;
                     }
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
@@ -91,8 +129,47 @@ impl Writer {
         trace!("store writer stopped");
     }
 
+    /// Takes a checkpoint between two groups: everything up to
+    /// `last_sequence` is in it and nothing after, because nothing else is
+    /// written meanwhile. Commits queue up while it runs.
+    fn checkpoint(&self, request: &CheckpointRequest) {
+        let target = &request.target;
+        let result = self.shared.check_poisoned().and_then(|()| {
+            let checkpoint = Checkpoint::new(&self.shared.db)
+                .map_err(|e| crate::error::engine("preparing a checkpoint", &e))?;
+            checkpoint.create_checkpoint(target).map_err(|e| {
+                crate::error::engine(&format!("checkpoint to {}", target.display()), &e)
+            })?;
+            Ok(self.last_sequence)
+        });
+        if let Ok(sequence) = &result {
+            debug!(target = %target.display(), sequence, "checkpoint written");
+        }
+        // The caller may have given up waiting; the checkpoint stays.
+        let _ = request.done.send(result);
+    }
+
+    /// The first sequence the batch log keeps once the batches up to `last`
+    /// are written: never fewer than `log_retention` batches, pruned only
+    /// once `max(retention / 8, 64)` more have piled up, so the range delete
+    /// (and the tombstone compaction must clear) comes once per many groups.
+    /// Without retention the log is emptied, so it never holds a stale range
+    /// with a gap after it.
+    fn first_logged_after(&self, last: u64) -> u64 {
+        if self.log_retention == 0 {
+            return last + 1;
+        }
+        let logged = last - self.first_logged + 1;
+        let slack = (self.log_retention / 8).max(64);
+        if logged > self.log_retention.saturating_add(slack) {
+            last - self.log_retention + 1
+        } else {
+            self.first_logged
+        }
+    }
+
     /// Writes one group atomically and resolves its commits.
-    fn write_group(&mut self, group: Vec<Request>) {
+    fn write_group(&mut self, group: Vec<CommitRequest>) {
         if let Some(reason) = self.shared.poisoned.get() {
             fail_all(group, &Error::Poisoned(reason.clone()));
             return;
@@ -103,7 +180,8 @@ impl Writer {
         let want_sync = group.iter().any(|r| r.batch.sync());
         let sync = want_sync && self.sync_enabled;
 
-        let batch = match self.build(&group, last_sequence) {
+        let first_logged = self.first_logged_after(last_sequence);
+        let batch = match self.build(&group, first_sequence, last_sequence, first_logged) {
             Ok(batch) => batch,
             Err(err) => {
                 fail_all(group, &err);
@@ -117,11 +195,16 @@ impl Writer {
         match self.shared.db.write_opt(batch, &write_options) {
             Ok(()) => {
                 self.last_sequence = last_sequence;
+                self.first_logged = first_logged;
                 // Publish before resolving: whoever learns sequence N from
-                // a commit must see last_sequence() >= N.
+                // a commit must see last_sequence() >= N. The sequence goes
+                // first, so first_logged() never exceeds last_sequence() + 1.
                 self.shared
                     .last_sequence
                     .store(last_sequence, Ordering::Release);
+                self.shared
+                    .first_logged
+                    .store(first_logged, Ordering::Release);
                 let stats = &self.shared.stats;
                 stats
                     .batches_committed
@@ -172,8 +255,17 @@ impl Writer {
     /// Builds the single `WriteBatch` of a group: every batch's operations
     /// in commit order, then the sequence of the group's last batch. Every
     /// batch gets its own sequence number; only the last needs storing,
-    /// since the group is applied (or lost) as a whole.
-    fn build(&self, group: &[Request], last_sequence: u64) -> Result<WriteBatch, Error> {
+    /// since the group is applied (or lost) as a whole. With a batch log,
+    /// each batch's encoding is put under its sequence (from
+    /// `first_sequence` on), and the log entries below `first_logged` are
+    /// range-deleted.
+    fn build(
+        &self,
+        group: &[CommitRequest],
+        first_sequence: u64,
+        last_sequence: u64,
+        first_logged: u64,
+    ) -> Result<WriteBatch, Error> {
         let mut batch = WriteBatch::default();
         for request in group {
             for op in request.batch.ops() {
@@ -187,6 +279,24 @@ impl Writer {
                 }
             }
         }
+        // Entries logged by earlier groups that fall out of the log. This
+        // group's own batches below `first_logged` are simply not logged.
+        let pruned_end = first_logged.min(first_sequence);
+        if self.first_logged < pruned_end {
+            batch.delete_range_cf(
+                self.shared.handle(Cf::Log)?,
+                encode_sequence(self.first_logged),
+                encode_sequence(pruned_end),
+            );
+        }
+        if self.log_retention > 0 {
+            let log = self.shared.handle(Cf::Log)?;
+            for (sequence, request) in (first_sequence..).zip(group) {
+                if sequence >= first_logged {
+                    batch.put_cf(log, encode_sequence(sequence), request.batch.encode());
+                }
+            }
+        }
         batch.put_cf(
             self.shared.handle(Cf::Meta)?,
             META_SEQUENCE,
@@ -196,7 +306,7 @@ impl Writer {
     }
 }
 
-fn fail_all(group: Vec<Request>, err: &Error) {
+fn fail_all(group: Vec<CommitRequest>, err: &Error) {
     for request in group {
         request.done.send(Err(err.clone()));
     }

@@ -13,12 +13,22 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fmq_store::{Batch, Cf, Store};
+use fmq_store::{Batch, Cf, Op, Store};
 use fmq_store_rocks::{RocksOptions, RocksStore};
 
 const DIR_VAR: &str = "FMQ_CRASH_CHILD_DIR";
 const KILL_AFTER: usize = 300;
 const WRITERS: u64 = 4;
+const LOG_RETENTION: u64 = 100;
+
+/// The child keeps a batch log, so the crash also tests that the log and
+/// the data recover together.
+fn options() -> RocksOptions {
+    RocksOptions {
+        log_retention: LOG_RETENTION,
+        ..RocksOptions::default()
+    }
+}
 
 fn key(writer: u64, n: u64) -> String {
     format!("w{writer}/{n:08}")
@@ -32,8 +42,7 @@ fn crash_child() {
     let Some(dir) = std::env::var_os(DIR_VAR) else {
         return;
     };
-    let store =
-        Arc::new(RocksStore::open(Path::new(&dir), RocksOptions::default()).expect("child open"));
+    let store = Arc::new(RocksStore::open(Path::new(&dir), options()).expect("child open"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
@@ -121,7 +130,7 @@ fn committed_batches_survive_sigkill() {
     reader.join().expect("reader thread");
     reported.extend(rx.try_iter());
 
-    let store = RocksStore::open(dir.path(), RocksOptions::default()).expect("reopen");
+    let store = RocksStore::open(dir.path(), options()).expect("reopen");
     let last_reported = reported.iter().map(|(s, _)| *s).max().expect("reports");
     println!(
         "child killed after {} reported commits (last sequence {last_reported}); \
@@ -158,6 +167,30 @@ fn committed_batches_survive_sigkill() {
         })
         .expect("scan");
     assert_eq!(entries, store.last_sequence());
+    // The batch log ends at the recovered sequence, keeps the retention, and
+    // each logged batch is the one whose data is stored.
+    let first = store.first_logged();
+    assert!(store.last_sequence() - first + 1 >= LOG_RETENTION.min(store.last_sequence()));
+    let logged = store
+        .read_log(first, usize::MAX, usize::MAX)
+        .expect("read log");
+    assert_eq!(
+        logged.last().map(|b| b.sequence),
+        Some(store.last_sequence())
+    );
+    for (expected, entry) in (first..).zip(&logged) {
+        assert_eq!(entry.sequence, expected);
+        let batch = Batch::decode(&entry.bytes).expect("decode logged batch");
+        for op in batch.ops() {
+            if let Op::Put { cf, key, value } = op {
+                assert_eq!(
+                    store.get(*cf, key).expect("get").as_deref(),
+                    Some(value.as_slice()),
+                    "logged batch {expected} is not in the data"
+                );
+            }
+        }
+    }
     // And the store accepts writes after recovery, with the next numbers.
     let mut batch = Batch::new();
     batch.put(Cf::Meta, b"after-crash".to_vec(), Vec::new());

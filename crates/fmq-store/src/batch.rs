@@ -28,11 +28,17 @@ pub enum Cf {
     Meta = 6,
     /// Per-producer high-water marks for duplicate detection.
     Dedupe = 7,
+    /// The batch log: recent batches by sequence number (8 bytes,
+    /// big-endian), each as its [`Batch::encode`] bytes. Written by the store
+    /// itself alongside every batch it applies, when it keeps a log; callers
+    /// never write it. A passive server catches up from it (see
+    /// [`Store::read_log`](crate::Store::read_log)).
+    Log = 8,
 }
 
 impl Cf {
     /// Every column family, in tag order.
-    pub const ALL: [Cf; 8] = [
+    pub const ALL: [Cf; 9] = [
         Cf::Messages,
         Cf::QueueEntries,
         Cf::Subscriptions,
@@ -41,6 +47,7 @@ impl Cf {
         Cf::Destinations,
         Cf::Meta,
         Cf::Dedupe,
+        Cf::Log,
     ];
 
     /// The column family's name on disk.
@@ -54,6 +61,7 @@ impl Cf {
             Cf::Destinations => "destinations",
             Cf::Meta => "meta",
             Cf::Dedupe => "dedupe",
+            Cf::Log => "replication_log",
         }
     }
 
@@ -259,7 +267,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn arb_op() -> impl Strategy<Value = Op> {
-        let cf = (0u8..8).prop_map(|t| Cf::from_tag(t).expect("tag in range"));
+        let cf = (0u8..9).prop_map(|t| Cf::from_tag(t).expect("tag in range"));
         let bytes = proptest::collection::vec(any::<u8>(), 0..64);
         prop_oneof![
             (cf.clone(), bytes.clone(), bytes.clone()).prop_map(|(cf, key, value)| Op::Put {
@@ -285,6 +293,20 @@ mod tests {
             let cut = cut % bytes.len();
             prop_assert!(Batch::decode(&bytes[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn tags_and_names_match_all() {
+        for (tag, cf) in (0u8..).zip(Cf::ALL) {
+            assert_eq!(cf as u8, tag);
+            assert_eq!(Cf::from_tag(tag), Some(cf));
+        }
+        assert_eq!(Cf::from_tag(9), None);
+        assert_eq!(Cf::Log.name(), "replication_log");
+        let mut names: Vec<_> = Cf::ALL.iter().map(|cf| cf.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Cf::ALL.len());
     }
 
     #[test]

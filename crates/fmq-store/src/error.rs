@@ -17,6 +17,17 @@ pub enum Error {
     /// Stored bytes that do not decode: a torn or foreign record.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// [`Store::read_log`](crate::Store::read_log) was asked for batches
+    /// that the batch log no longer (or never did) hold. The reader cannot
+    /// catch up from the log and needs a full copy of the store instead.
+    #[error("batch log truncated: batch {from} requested, but the log starts at batch {first}")]
+    Truncated {
+        /// The first sequence asked for.
+        from: u64,
+        /// The smallest sequence the log still holds (the store's last
+        /// sequence + 1 when the log is empty).
+        first: u64,
+    },
     /// The store has been closed.
     #[error("store is closed")]
     Closed,

@@ -6,6 +6,11 @@
 //! the next sequence number: that ordered stream of batches is also what
 //! replication ships to a passive server.
 //!
+//! For replication a store can also keep the most recent batches in a batch
+//! log ([`Cf::Log`], read with [`Store::read_log`]), so a passive server that
+//! fell behind or diverged catches up without a full copy, and the epoch
+//! history kept by [`epoch`] tells two servers where their histories fork.
+//!
 //! This crate has no storage-engine dependency. `fmq-store-rocks` implements
 //! the trait on RocksDB; [`memory::MemoryStore`] implements it in memory so
 //! broker and HA tests run in milliseconds.
@@ -13,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod epoch;
 pub mod error;
 pub mod memory;
 
@@ -21,6 +27,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 pub use batch::{Batch, Cf, Op};
+pub use epoch::{
+    common_prefix, history, mark_epoch, position, EpochStart, Position, META_EPOCH,
+    META_EPOCHS_PREFIX,
+};
 pub use error::{Error, Result};
 pub use memory::MemoryStore;
 
@@ -37,7 +47,11 @@ pub const META_SEQUENCE: &[u8] = b"sequence";
 /// - resolve the returned [`Commit`] only after the batch (and everything
 ///   before it) is durable when [`Batch::sync`] is set;
 /// - share one sync among batches that arrive while a sync is in progress
-///   (group commit), so throughput is not bounded by one fsync per batch.
+///   (group commit), so throughput is not bounded by one fsync per batch;
+/// - when they keep a batch log, write each batch's [`Batch::encode`] bytes
+///   to [`Cf::Log`] under its sequence number in the same atomic write, so
+///   the log always holds exactly the batches
+///   `first_logged()..=last_sequence()`, with no gap.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Queues `batch` for atomic application. The returned future resolves to
     /// the batch's sequence number once it is applied (and synced if asked).
@@ -61,6 +75,33 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Makes everything applied so far durable.
     fn sync(&self) -> Result<()>;
+
+    /// Smallest sequence still in the batch log; `last_sequence() + 1` when
+    /// the log is empty or the store keeps none.
+    fn first_logged(&self) -> u64;
+
+    /// Batches from the batch log with sequence `>= from`, in order: at most
+    /// `max_batches` of them, and no more than `max_bytes` of encoded bytes in
+    /// total, except that the first batch is returned even if it alone is
+    /// larger (so a reader always makes progress). Never returns batches past
+    /// the `last_sequence()` seen when called.
+    ///
+    /// # Errors
+    ///
+    /// Returns `Ok` with no batches if `from > last_sequence()`, and
+    /// [`Error::Truncated`] if `from < first_logged()`: the batches asked for
+    /// are gone (or were never logged) and the reader needs a full copy.
+    fn read_log(&self, from: u64, max_batches: usize, max_bytes: usize)
+        -> Result<Vec<LoggedBatch>>;
+}
+
+/// One batch read back from the batch log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedBatch {
+    /// The sequence number the batch got when it was applied.
+    pub sequence: u64,
+    /// The batch as [`Batch::encode`] made it; [`Batch::decode`] reads it.
+    pub bytes: Vec<u8>,
 }
 
 /// The pending result of [`Store::commit`].
@@ -111,7 +152,8 @@ impl CommitSender {
     }
 }
 
-/// Encodes a sequence number the way stores keep it under [`META_SEQUENCE`].
+/// Encodes a sequence number the way stores keep it under [`META_SEQUENCE`],
+/// and the way [`Cf::Log`] keys are made.
 pub fn encode_sequence(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }

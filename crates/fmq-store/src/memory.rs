@@ -4,25 +4,76 @@ use std::collections::BTreeMap;
 
 use parking_lot::Mutex;
 
-use crate::{encode_sequence, Batch, Cf, Commit, Op, Result, Store, META_SEQUENCE};
+use crate::{
+    encode_sequence, Batch, Cf, Commit, Error, LoggedBatch, Op, Result, Store, META_SEQUENCE,
+};
 
 /// A [`Store`] that keeps everything in memory. Batches apply at once, so a
 /// commit is ready as soon as it is made; nothing survives the process.
-#[derive(Debug, Default)]
+///
+/// [`MemoryStore::with_log`] makes a store that also keeps a batch log in
+/// [`Cf::Log`], pruned like the RocksDB store's, so HA tests can exercise
+/// catch-up without a disk.
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     sequence: u64,
+    /// Batches kept in the log: at least this many of the most recent ones.
+    /// 0 keeps no log.
+    retention: u64,
+    /// Smallest sequence in [`Cf::Log`]; `sequence + 1` when it is empty.
+    first_logged: u64,
     families: BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store without a batch log.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_log(0)
+    }
+
+    /// An empty store that keeps at least the `retention` most recent
+    /// batches in its batch log (none if 0). Like the RocksDB store, it lets
+    /// the log grow by `max(retention / 8, 64)` batches before pruning it
+    /// back to `retention`.
+    pub fn with_log(retention: u64) -> Self {
+        MemoryStore {
+            inner: Mutex::new(Inner {
+                sequence: 0,
+                retention,
+                first_logged: 1,
+                families: BTreeMap::new(),
+            }),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inner {
+    fn log_batch(&mut self, seq: u64, batch: &Batch) {
+        if self.retention == 0 {
+            self.first_logged = seq + 1;
+            return;
+        }
+        let log = self.families.entry(Cf::Log).or_default();
+        log.insert(encode_sequence(seq).to_vec(), batch.encode());
+        let slack = (self.retention / 8).max(64);
+        if seq - self.first_logged + 1 > self.retention + slack {
+            let new_first = seq - self.retention + 1;
+            // Keys are big-endian sequences, so the map splits at new_first.
+            let kept = log.split_off(encode_sequence(new_first).as_slice());
+            *log = kept;
+            self.first_logged = new_first;
+        }
     }
 }
 
@@ -52,6 +103,7 @@ impl Store for MemoryStore {
             .entry(Cf::Meta)
             .or_default()
             .insert(META_SEQUENCE.to_vec(), encode_sequence(seq).to_vec());
+        inner.log_batch(seq, &batch);
         Commit::ready(Ok(seq))
     }
 
@@ -94,6 +146,54 @@ impl Store for MemoryStore {
 
     fn sync(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn first_logged(&self) -> u64 {
+        self.inner.lock().first_logged
+    }
+
+    fn read_log(
+        &self,
+        from: u64,
+        max_batches: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<LoggedBatch>> {
+        let inner = self.inner.lock();
+        if from > inner.sequence {
+            return Ok(Vec::new());
+        }
+        if from < inner.first_logged {
+            return Err(Error::Truncated {
+                from,
+                first: inner.first_logged,
+            });
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let Some(log) = inner.families.get(&Cf::Log) else {
+            return Ok(out);
+        };
+        for (expected, (key, value)) in
+            (from..=inner.sequence).zip(log.range(encode_sequence(from).to_vec()..))
+        {
+            if out.len() >= max_batches
+                || (!out.is_empty() && bytes.saturating_add(value.len()) > max_bytes)
+            {
+                break;
+            }
+            let sequence = crate::decode_sequence(key)?;
+            if sequence != expected {
+                return Err(Error::Corrupt(format!(
+                    "batch log has batch {sequence} where {expected} belongs"
+                )));
+            }
+            bytes += value.len();
+            out.push(LoggedBatch {
+                sequence,
+                bytes: value.clone(),
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -139,5 +239,123 @@ mod tests {
             })
             .expect("scan");
         assert_eq!(seen, ["q1/1", "q1/2"]);
+    }
+
+    fn numbered(n: u64) -> Batch {
+        let mut batch = Batch::new();
+        // Sizes vary with n, so byte limits fall between batches.
+        batch.put(
+            Cf::Messages,
+            format!("m{n}"),
+            vec![b'x'; (n % 7) as usize * 10],
+        );
+        batch.set_sync(n.is_multiple_of(2));
+        batch
+    }
+
+    #[test]
+    fn without_a_log_nothing_is_logged() {
+        let store = MemoryStore::new();
+        assert_eq!(store.first_logged(), 1);
+        assert_eq!(store.read_log(1, 10, 1000).expect("read"), []);
+        for n in 1..=5 {
+            drop(store.commit(numbered(n)));
+        }
+        assert_eq!(store.first_logged(), 6);
+        assert_eq!(store.read_log(6, 10, 1000).expect("read"), []);
+        let err = store.read_log(5, 10, 1000).expect_err("truncated");
+        assert!(
+            matches!(err, Error::Truncated { from: 5, first: 6 }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("batch 5"), "{err}");
+        assert!(err.to_string().contains("batch 6"), "{err}");
+        assert_eq!(store.get(Cf::Log, &encode_sequence(1)).expect("get"), None);
+    }
+
+    #[test]
+    fn the_log_keeps_the_retention_and_prunes_in_steps() {
+        let store = MemoryStore::with_log(4);
+        assert_eq!(store.first_logged(), 1);
+        for n in 1..=68 {
+            drop(store.commit(numbered(n)));
+        }
+        // Up to retention + 64 batches are kept before pruning.
+        assert_eq!(store.first_logged(), 1);
+        drop(store.commit(numbered(69)));
+        assert_eq!(store.first_logged(), 66);
+        for n in 70..=100 {
+            drop(store.commit(numbered(n)));
+        }
+        assert_eq!(store.first_logged(), 66);
+        assert_eq!(store.last_sequence(), 100);
+
+        let err = store.read_log(65, 10, usize::MAX).expect_err("pruned");
+        assert!(
+            matches!(
+                err,
+                Error::Truncated {
+                    from: 65,
+                    first: 66
+                }
+            ),
+            "{err:?}"
+        );
+        let read = store.read_log(66, 10, usize::MAX).expect("read");
+        assert_eq!(
+            read.iter().map(|b| b.sequence).collect::<Vec<_>>(),
+            (66..76).collect::<Vec<_>>()
+        );
+        for logged in &read {
+            let batch = Batch::decode(&logged.bytes).expect("decode");
+            assert_eq!(batch, numbered(logged.sequence));
+        }
+        let tail = store.read_log(99, 10, usize::MAX).expect("read");
+        assert_eq!(
+            tail.iter().map(|b| b.sequence).collect::<Vec<_>>(),
+            [99, 100]
+        );
+        assert_eq!(store.read_log(101, 10, usize::MAX).expect("read"), []);
+        assert_eq!(store.read_log(1000, 10, usize::MAX).expect("read"), []);
+        assert_eq!(store.read_log(66, 0, usize::MAX).expect("read"), []);
+
+        // The log is visible as a column family, keyed by sequence.
+        let mut keys = Vec::new();
+        store
+            .scan_prefix(Cf::Log, b"", &mut |k, _| {
+                keys.push(crate::decode_sequence(k)?);
+                Ok(())
+            })
+            .expect("scan");
+        assert_eq!(keys, (66..=100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn read_log_respects_the_byte_limit_but_always_makes_progress() {
+        let store = MemoryStore::with_log(1000);
+        for n in 1..=20 {
+            drop(store.commit(numbered(n)));
+        }
+        let size = |n: u64| numbered(n).encode().len();
+        // Nothing fits, yet one batch comes back.
+        let one = store.read_log(3, 10, 0).expect("read");
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].sequence, 3);
+        // Exactly three batches' worth.
+        let limit = size(3) + size(4) + size(5);
+        let three = store.read_log(3, 10, limit).expect("read");
+        assert_eq!(
+            three.iter().map(|b| b.sequence).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        let three_minus = store.read_log(3, 10, limit - 1).expect("read");
+        assert_eq!(three_minus.len(), 2);
+        let total: usize = store
+            .read_log(1, usize::MAX, 200)
+            .expect("read")
+            .iter()
+            .map(|b| b.bytes.len())
+            .sum();
+        assert!(total <= 200, "{total}");
     }
 }

@@ -1,0 +1,714 @@
+//! Running one half of a replicated HA pair: the runtime around
+//! `fmq_ha::replicated` and `fmq_ha::replication`.
+//!
+//! Each server opens its own store at start and keeps it open. One task
+//! owns the state machine and carries out its actions: the lock file, the
+//! gateway probe, the HA channel, the broker (started on a
+//! [`ReplicatedStore`] when this server serves) and the replication tasks
+//! (serving a passive that dials us, or following the active).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use fmq_broker::Broker;
+use fmq_ha::config::Replication;
+use fmq_ha::gateway::{self, GatewayMonitor, MonitorConfig};
+use fmq_ha::heartbeat::{self, Channel, ChannelHandle, LinkEvent};
+use fmq_ha::lock::LockFile;
+use fmq_ha::replicated::{Action, Event, Machine, Timer, Timings};
+use fmq_ha::replication::{self, Feed, Replica, ReplicatedStore, SinkEvent, Source, SourceEvent};
+use fmq_ha::{HaConfig, State};
+use fmq_store::{epoch, Batch, Store};
+use fmq_store_rocks::RocksStore;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminCtx, ServerInfo};
+use crate::ha::{accept_loop, sleep_until};
+use crate::profile::Profile;
+use crate::run::{open_store, start_broker_on, stop_on_signals};
+
+/// This server's own store, which a checkpoint from the active may replace.
+#[derive(Debug)]
+struct LocalReplica {
+    slot: Mutex<Option<Arc<RocksStore>>>,
+    db_path: PathBuf,
+    profile_sync: bool,
+    retention: u64,
+    profile: Profile,
+}
+
+impl LocalReplica {
+    fn rocks(&self) -> Arc<RocksStore> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .expect("the store is open except inside install()")
+    }
+
+    fn parent(&self) -> PathBuf {
+        self.db_path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    }
+
+    fn name(&self) -> String {
+        self.db_path
+            .file_name()
+            .map_or_else(|| "db".into(), |n| n.to_string_lossy().into_owned())
+    }
+}
+
+impl Replica for LocalReplica {
+    fn store(&self) -> Arc<dyn Store> {
+        self.rocks()
+    }
+
+    fn install(&self, dir: &Path, keep_old: bool) -> Result<(), String> {
+        let old = self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(old) = old {
+            // Wait for the last users (a status read) to let go, so the
+            // directory lock is released when it drops.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut old = old;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(store) => {
+                        drop(store);
+                        break;
+                    }
+                    Err(still) if Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(still) => {
+                        *self
+                            .slot
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(still);
+                        return Err(
+                            "the store is still in use; cannot install the checkpoint".into()
+                        );
+                    }
+                }
+            }
+        }
+        let aside = self.parent().join(format!(
+            "{}.{}-{}",
+            self.name(),
+            if keep_old { "diverged" } else { "replaced" },
+            fmq_broker::message::now_ms()
+        ));
+        let result = (|| {
+            std::fs::rename(&self.db_path, &aside).map_err(|e| {
+                format!(
+                    "moving {} aside to {}: {e}",
+                    self.db_path.display(),
+                    aside.display()
+                )
+            })?;
+            std::fs::rename(dir, &self.db_path).map_err(|e| {
+                format!(
+                    "moving the checkpoint {} to {}: {e}",
+                    dir.display(),
+                    self.db_path.display()
+                )
+            })?;
+            if let Ok(d) = std::fs::File::open(self.parent()) {
+                let _ = d.sync_all();
+            }
+            Ok::<(), String>(())
+        })();
+        let reopened =
+            open_store(&self.profile, &self.db_path, self.retention).map_err(|e| format!("{e:#}"));
+        match reopened {
+            Ok(store) => {
+                *self
+                    .slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(store);
+            }
+            Err(e) => return Err(format!("reopening the store after the checkpoint: {e}")),
+        }
+        result?;
+        if keep_old {
+            tracing::warn!(
+                "the store directory of the divergent history was kept as {}",
+                aside.display()
+            );
+        } else if let Err(e) = std::fs::remove_dir_all(&aside) {
+            tracing::warn!(dir = %aside.display(), error = %e, "could not remove the replaced store");
+        }
+        let _ = self.profile_sync;
+        Ok(())
+    }
+
+    fn staging(&self) -> PathBuf {
+        self.parent().join(format!("{}.incoming", self.name()))
+    }
+
+    fn diverged_dir(&self) -> PathBuf {
+        self.parent().join("diverged")
+    }
+}
+
+/// The broker while this server serves.
+struct Serving {
+    broker: Arc<Broker>,
+    feed: Arc<Feed>,
+    source: Arc<Source>,
+}
+
+/// Messages from the helper tasks to the main loop.
+enum Note {
+    Source { generation: u64, event: SourceEvent },
+    SourceEnded { generation: u64, reason: String },
+    Sink { generation: u64, event: SinkEvent },
+    SinkEnded { generation: u64, reason: String },
+    Probe(bool),
+}
+
+/// Runs a replicated HA server until SIGTERM, SIGINT, an admin shutdown,
+/// or a fatal HA error.
+pub async fn run(
+    profile: &Profile,
+    ha: HaConfig,
+    client: TcpListener,
+    admin_listener: TcpListener,
+    db_path: PathBuf,
+    info: ServerInfo,
+) -> Result<()> {
+    ha.validate()?;
+    let lock_path = ha.lock_file.clone().unwrap_or_default();
+    let mut lock = LockFile::open(&lock_path)?;
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let server_name = format!("{}@{}:{}", ha.role.title(), host, std::process::id());
+    let sync_mode = ha.replication == Replication::Sync;
+
+    let retention = ha.replication_log_batches.max(1);
+    let replica = Arc::new(LocalReplica {
+        slot: Mutex::new(Some(open_store(profile, &db_path, retention)?)),
+        db_path: db_path.clone(),
+        profile_sync: profile.file.store.sync,
+        retention,
+        profile: profile.clone(),
+    });
+    clean_staging(&replica);
+
+    let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
+    let (status_tx, status_rx) = watch::channel(json!({}));
+    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
+    let ctx = AdminCtx {
+        broker: broker_rx.clone(),
+        ha: Some(status_rx),
+        info: info.clone(),
+        shutdown: shutdown_tx.clone(),
+    };
+    tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
+    stop_on_signals(shutdown_tx.clone());
+    let (state_tx, state_rx) = watch::channel(State::Waiting);
+    let acceptor = tokio::spawn(accept_loop(client, broker_rx, state_rx));
+
+    let position = epoch::position(&*replica.store())?;
+    tracing::info!(
+        "FerroMQ HA server '{}' ({} of cluster '{}', replicated mode, {} replication): STOMP on {}, HA port {}:{}, lock file {}, gateway {}:{}, store {} at epoch {} sequence {}",
+        info.name,
+        ha.role,
+        ha.cluster_name,
+        if sync_mode { "synchronous" } else { "asynchronous" },
+        info.client_addr,
+        ha.bind_address,
+        ha.port,
+        lock_path.display(),
+        ha.gateway_server_ip_address,
+        ha.gateway_server_port,
+        db_path.display(),
+        position.epoch,
+        position.sequence
+    );
+
+    let (channel, mut links) = Channel::start(&ha, server_name.clone());
+    let gateway = GatewayMonitor::start(MonitorConfig::from_ha(&ha, &server_name));
+    let mut gateway_rx = gateway.subscribe();
+    let mut machine = Machine::new(
+        ha.role,
+        Timings {
+            active_lock_ms: ha.active_lock_reacquisition_interval,
+            passive_lock_ms: ha.passive_lock_reacquisition_interval,
+            max_wait_ms: ha.max_wait_timeout,
+            sink_retry_ms: ha.ping_interval.max(200),
+        },
+    );
+    let (note_tx, mut notes) = mpsc::channel::<Note>(1024);
+    let mut timers: HashMap<Timer, tokio::time::Instant> = HashMap::new();
+    let mut events: VecDeque<Event> = VecDeque::from([Event::Start]);
+    let mut serving: Option<Serving> = None;
+    let mut source_task: Option<JoinHandle<()>> = None;
+    let mut sink_task: Option<JoinHandle<()>> = None;
+    let mut generation: u64 = 0;
+    let mut since = Instant::now();
+    let mut fatal: Option<anyhow::Error> = None;
+    let mut diverged: Vec<serde_json::Value> = Vec::new();
+    let mut catch_up: Option<(u64, f64)> = None;
+    let owner = format!("{}#{:016x}", ha.role.title(), rand_id());
+
+    'run: loop {
+        while let Some(event) = events.pop_front() {
+            if let Ok(p) = epoch::position(&*replica.store()) {
+                machine.set_position((p.epoch, p.sequence));
+            }
+            let before = machine.state();
+            for action in machine.handle(event) {
+                match action {
+                    Action::TryLock => events.push_back(match lock.try_acquire() {
+                        Ok(true) => match take_over(&mut lock, &server_name, &*replica.store()) {
+                            Ok(epoch) => {
+                                tracing::info!(
+                                    "Successfully acquired lock on :: {}",
+                                    lock_path.display()
+                                );
+                                Event::LockAcquired { epoch }
+                            }
+                            Err(e) => Event::LockLost { reason: e },
+                        },
+                        Ok(false) => Event::LockBusy,
+                        Err(e) => Event::LockLost {
+                            reason: e.to_string(),
+                        },
+                    }),
+                    Action::VerifyLock => {
+                        events.push_back(match lock.verify(&server_name, machine.epoch()) {
+                            Ok(true) => Event::LockVerified,
+                            Ok(false) => Event::LockLost {
+                                reason: "the lock file no longer names this server and epoch"
+                                    .into(),
+                            },
+                            Err(e) => Event::LockLost {
+                                reason: e.to_string(),
+                            },
+                        })
+                    }
+                    Action::ReleaseLock => {
+                        if let Err(e) = lock.release() {
+                            tracing::warn!(error = %e, "releasing the lock failed");
+                        }
+                    }
+                    Action::ProbeGateway => {
+                        let tx = note_tx.clone();
+                        let (host, port) =
+                            (ha.gateway_server_ip_address.clone(), ha.gateway_server_port);
+                        let timeout = Duration::from_millis(ha.ping_interval.clamp(100, 5000));
+                        tokio::spawn(async move {
+                            let ok = gateway::ping(&host, port, timeout).await.is_ok();
+                            let _ = tx.send(Note::Probe(ok)).await;
+                        });
+                    }
+                    Action::StartBroker => {
+                        if let Some(t) = sink_task.take() {
+                            t.abort();
+                        }
+                        events.push_back(
+                            match start_serving(profile, &replica, machine.epoch(), &owner).await {
+                                Ok(s) => {
+                                    let _ = broker_tx.send(Some(s.broker.clone()));
+                                    serving = Some(s);
+                                    Event::ServicesActivated
+                                }
+                                Err(e) => Event::ServicesFailed {
+                                    reason: format!("{e:#}"),
+                                },
+                            },
+                        );
+                    }
+                    Action::StopBroker => {
+                        let _ = broker_tx.send(None);
+                        if let Some(t) = source_task.take() {
+                            t.abort();
+                        }
+                        if let Some(s) = serving.take() {
+                            stop_serving(s).await;
+                        }
+                    }
+                    Action::StartSink => {
+                        generation += 1;
+                        if let Some(t) = sink_task.take() {
+                            t.abort();
+                        }
+                        catch_up = None;
+                        sink_task = Some(spawn_sink(
+                            ha.clone(),
+                            server_name.clone(),
+                            replica.clone(),
+                            note_tx.clone(),
+                            generation,
+                        ));
+                    }
+                    Action::StopSink => {
+                        if let Some(t) = sink_task.take() {
+                            t.abort();
+                        }
+                    }
+                    Action::RequireSync(on) => {
+                        if let Some(s) = &serving {
+                            s.feed.set_required(on && sync_mode);
+                        }
+                    }
+                    Action::Broadcast { current, previous } => {
+                        let p = epoch::position(&*replica.store()).ok();
+                        channel.broadcast_state_at(
+                            current,
+                            previous,
+                            p.map(|p| (p.epoch, p.sequence)),
+                        );
+                    }
+                    Action::Schedule { timer, after_ms } => {
+                        timers.insert(
+                            timer,
+                            tokio::time::Instant::now() + Duration::from_millis(after_ms),
+                        );
+                    }
+                    Action::Log(line) => tracing::info!("{line}"),
+                }
+            }
+            if machine.state() != before {
+                since = Instant::now();
+            }
+            let _ = state_tx.send(machine.state());
+        }
+        publish(
+            &status_tx,
+            &machine,
+            &lock,
+            &ha,
+            since,
+            &replica,
+            serving.as_ref(),
+            sync_mode,
+            &diverged,
+            catch_up,
+        );
+        let next = timers
+            .iter()
+            .min_by_key(|(_, at)| **at)
+            .map(|(t, at)| (*t, *at));
+        tokio::select! {
+            link = links.recv() => match link {
+                Some(LinkEvent::Up { peer }) => {
+                    tracing::info!(%peer, "HA link to the backup server is up");
+                    events.push_back(Event::LinkUp);
+                }
+                Some(LinkEvent::Down { reason }) => {
+                    tracing::info!(%reason, "HA link to the backup server is down");
+                    events.push_back(Event::LinkDown);
+                }
+                Some(LinkEvent::PeerState { current, previous, position }) => {
+                    events.push_back(Event::PeerState { current, previous, position });
+                }
+                Some(LinkEvent::Replication(stream)) => {
+                    match &serving {
+                        Some(s) => {
+                            generation += 1;
+                            if let Some(t) = source_task.take() {
+                                t.abort();
+                            }
+                            s.feed.set_required(false);
+                            source_task = Some(spawn_source(stream, s.source.clone(), note_tx.clone(), generation));
+                        }
+                        None => tracing::warn!(peer = %stream.peer.server, state = %machine.state(), "replication connection refused: this server does not serve"),
+                    }
+                }
+                Some(LinkEvent::Refused(e)) => {
+                    tracing::error!("{e}");
+                    fatal = Some(anyhow!("{e}"));
+                    break 'run;
+                }
+                Some(_) => {}
+                None => {
+                    fatal = Some(anyhow!("the HA channel stopped"));
+                    break 'run;
+                }
+            },
+            Some(note) = notes.recv() => match note {
+                Note::Probe(ok) => events.push_back(Event::GatewayProbe { ok }),
+                Note::Source { generation: g, event: SourceEvent::InSync } if g == generation => {
+                    tracing::info!("the passive server has caught up");
+                    events.push_back(Event::SyncComplete);
+                }
+                Note::SourceEnded { generation: g, reason } if g == generation => {
+                    tracing::info!(%reason, "replication to the passive server ended");
+                    if let Some(s) = &serving {
+                        // Receipts must not wait for a passive that is gone;
+                        // the machine hears of it from the HA link too.
+                        if machine.link_up() {
+                            s.feed.set_required(false);
+                        }
+                    }
+                }
+                Note::Sink { generation: g, event } if g == generation => match event {
+                    SinkEvent::InSync => {
+                        catch_up = None;
+                        events.push_back(Event::SyncComplete);
+                    }
+                    SinkEvent::Progress { applied, rate } => {
+                        tracing::info!(applied, rate = format!("{rate:.0} batches/s"), "catching up with the active server");
+                        catch_up = Some((applied, rate));
+                    }
+                    SinkEvent::SnapshotInstalled { sequence } => {
+                        tracing::info!(sequence, "checkpoint from the active server installed");
+                    }
+                    SinkEvent::Diverged { file, batches, from, to } => {
+                        diverged.push(json!({"file": file.display().to_string(), "batches": batches, "from": from, "to": to}));
+                    }
+                },
+                Note::SinkEnded { generation: g, reason } if g == generation => {
+                    sink_task = None;
+                    events.push_back(Event::ReplicationFailed { reason });
+                }
+                _ => {}
+            },
+            changed = gateway_rx.changed() => {
+                if changed.is_ok() {
+                    events.push_back(if *gateway_rx.borrow_and_update() { Event::GatewayReachable } else { Event::GatewayUnreachable });
+                }
+            }
+            _ = sleep_until(next.map(|(_, at)| at)) => {
+                if let Some((timer, _)) = next {
+                    timers.remove(&timer);
+                    events.push_back(Event::Timer(timer));
+                }
+            }
+            // Status refresh for the lag figures.
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown_rx.wait_for(|s| *s) => break 'run,
+        }
+    }
+
+    let _ = broker_tx.send(None);
+    acceptor.abort();
+    if let Some(t) = sink_task.take() {
+        t.abort();
+    }
+    if let Some(s) = serving.take() {
+        // Let the passive take the last batches before we stop.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while s.feed.lag().batches > 0 && Instant::now() < deadline && source_task.is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(t) = source_task.take() {
+            t.abort();
+        }
+        stop_serving(s).await;
+    }
+    let _ = lock.release();
+    channel.broadcast_state(State::Dead, machine.state());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    shutdown_channel(channel).await;
+    gateway.stop().await;
+    drop(replica);
+    match fatal {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("FerroMQ server stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_channel(channel: ChannelHandle) {
+    channel.shutdown().await;
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(fmq_broker::message::now_ms());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// Takes over the lock with an epoch newer than both the lock file's and
+/// our store's, so a reset or different lock file never reuses an epoch.
+fn take_over(lock: &mut LockFile, server: &str, store: &dyn Store) -> Result<u64, String> {
+    let ours = epoch::position(store).map_err(|e| e.to_string())?.epoch;
+    lock.take_over_after(server, ours)
+        .map_err(|e| e.to_string())
+}
+
+/// Opens a new epoch in our store and starts the broker on it.
+async fn start_serving(
+    profile: &Profile,
+    replica: &Arc<LocalReplica>,
+    epoch_no: u64,
+    owner: &str,
+) -> Result<Serving> {
+    let rocks = replica.rocks();
+    let inner: Arc<dyn Store> = rocks.clone();
+    let mut mark = Batch::new();
+    let start = inner.last_sequence() + 1;
+    epoch::mark_epoch(&mut mark, epoch_no, start, owner);
+    mark.set_sync(true);
+    let got = inner.commit(mark).await?;
+    if got != start {
+        return Err(anyhow!(
+            "epoch mark stored as batch {got}, expected {start}"
+        ));
+    }
+    tracing::info!(epoch = epoch_no, sequence = start, "new epoch opened");
+    let feed = Feed::new(inner.last_sequence(), epoch_no);
+    let store: Arc<dyn Store> = Arc::new(ReplicatedStore::new(inner.clone(), feed.clone()));
+    let broker = start_broker_on(profile, store).await?;
+    let scratch = replica.parent();
+    let source = Arc::new(Source {
+        store: inner,
+        feed: feed.clone(),
+        checkpoint: Box::new(move |dir: &Path| {
+            let rocks = rocks.clone();
+            tokio::task::block_in_place(|| rocks.checkpoint(dir)).map_err(|e| e.to_string())
+        }),
+        scratch,
+    });
+    Ok(Serving {
+        broker,
+        feed,
+        source,
+    })
+}
+
+async fn stop_serving(s: Serving) {
+    let Serving {
+        broker,
+        feed,
+        source,
+    } = s;
+    feed.fence();
+    let _ = broker.shutdown_handle().send(true);
+    if let Err(e) = broker.shutdown().await {
+        tracing::warn!(error = %e, "stopping the broker reported an error");
+    }
+    drop(broker);
+    drop(source);
+    tracing::info!("broker stopped; the store stays open for replication");
+}
+
+fn spawn_source(
+    stream: heartbeat::ReplicationStream,
+    source: Arc<Source>,
+    notes: mpsc::Sender<Note>,
+    generation: u64,
+) -> JoinHandle<()> {
+    tracing::info!(peer = %stream.peer.server, "the passive server connected for replication");
+    tokio::spawn(async move {
+        let (tx, mut rx) = mpsc::channel(8);
+        let forward = {
+            let notes = notes.clone();
+            tokio::spawn(async move {
+                while let Some(event) = rx.recv().await {
+                    let _ = notes.send(Note::Source { generation, event }).await;
+                }
+            })
+        };
+        let reason = replication::serve(stream.framed, source, tx).await;
+        let _ = forward.await;
+        let _ = notes.send(Note::SourceEnded { generation, reason }).await;
+    })
+}
+
+fn spawn_sink(
+    ha: HaConfig,
+    server_name: String,
+    replica: Arc<LocalReplica>,
+    notes: mpsc::Sender<Note>,
+    generation: u64,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let reason = match heartbeat::dial_replication(&ha, &server_name).await {
+            Ok(stream) => {
+                let (tx, mut rx) = mpsc::channel(8);
+                let forward = {
+                    let notes = notes.clone();
+                    tokio::spawn(async move {
+                        while let Some(event) = rx.recv().await {
+                            let _ = notes.send(Note::Sink { generation, event }).await;
+                        }
+                    })
+                };
+                let reason = replication::follow(stream.framed, replica, tx).await;
+                let _ = forward.await;
+                reason
+            }
+            Err(e) => format!("cannot open the replication connection: {e}"),
+        };
+        let _ = notes.send(Note::SinkEnded { generation, reason }).await;
+    })
+}
+
+fn clean_staging(replica: &LocalReplica) {
+    let staging = replica.staging();
+    if staging.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&staging) {
+            tracing::warn!(dir = %staging.display(), error = %e, "could not remove an unfinished checkpoint");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    status: &watch::Sender<serde_json::Value>,
+    m: &Machine,
+    lock: &LockFile,
+    ha: &HaConfig,
+    since: Instant,
+    replica: &LocalReplica,
+    serving: Option<&Serving>,
+    sync_mode: bool,
+    diverged: &[serde_json::Value],
+    catch_up: Option<(u64, f64)>,
+) {
+    let holder = lock.read_holder().ok().flatten();
+    let store = replica.store();
+    let position = epoch::position(&*store).ok();
+    let replication = serving.map(|s| {
+        let lag = s.feed.lag();
+        let acks = s.feed.acks();
+        json!({
+            "acked_sequence": acks.acked,
+            "waiting_for_passive": acks.required,
+            "lag_batches": lag.batches,
+            "lag_bytes": lag.bytes,
+            "lag_seconds": lag.seconds,
+        })
+    });
+    let _ = status.send(json!({
+        "role": ha.role.title().to_lowercase(),
+        "mode": "replicated",
+        "replication": if sync_mode { "sync" } else { "async" },
+        "state": m.state().as_str(),
+        "previous": m.previous().as_str(),
+        "peer": m.peer().as_str(),
+        "peer_position": m.peer_position().map(|(e, s)| json!({"epoch": e, "sequence": s})),
+        "position": position.map(|p| json!({"epoch": p.epoch, "sequence": p.sequence})),
+        "first_logged": store.first_logged(),
+        "lock_holder": holder.as_ref().map(|h| h.server.clone()),
+        "lock_epoch": holder.as_ref().map(|h| h.epoch),
+        "epoch": m.epoch(),
+        "holds_lock": m.holds_lock(),
+        "gateway_reachable": m.gateway_reachable(),
+        "link_up": m.link_up(),
+        "to_passive": replication,
+        "catch_up": catch_up.map(|(applied, rate)| json!({"applied": applied, "batches_per_s": rate})),
+        "diverged": diverged,
+        "since_ms": fmq_broker::message::now_ms().saturating_sub(since.elapsed().as_millis() as u64),
+    }));
+}
