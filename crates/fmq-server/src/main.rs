@@ -9,6 +9,7 @@
 //! ```
 
 mod admin;
+mod diverged;
 mod ha;
 mod ha_rpl;
 mod profile;
@@ -83,6 +84,12 @@ enum Cmd {
         /// The directory to check.
         path: PathBuf,
     },
+    /// Inspects or re-sends the batches a replicated server saved aside
+    /// when its history diverged from the active's (run/diverged/*.fmqlog).
+    Diverged {
+        #[command(subcommand)]
+        action: DivergedCmd,
+    },
     /// Manages access-control lists on a running server.
     Acl {
         #[command(subcommand)]
@@ -137,6 +144,45 @@ enum UserCmd {
     Remove { name: String },
     /// Lists users.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum DivergedCmd {
+    /// Lists the batches and the messages in a divergent-batches file.
+    Show {
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-sends to a running (active) server the messages the divergent
+    /// history accepted and had not delivered, each with a receipt.
+    Replay {
+        file: PathBuf,
+        /// The active server's STOMP address.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The active server's STOMP port.
+        #[arg(long, default_value_t = 1856)]
+        port: u16,
+        /// STOMP login.
+        #[arg(long, env = "FMQ_USER", default_value = "admin")]
+        user: String,
+        /// STOMP passcode.
+        #[arg(
+            long,
+            env = "FMQ_PASSWORD",
+            default_value = "passwd",
+            hide_default_value = true
+        )]
+        password: String,
+        /// Also re-send messages the divergent history consumed.
+        #[arg(long)]
+        include_consumed: bool,
+        /// Only list what would be sent.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +297,29 @@ async fn dispatch(cli: Cli) -> Result<()> {
             println!("FerroMQ gateway stopped");
             Ok(())
         }
+        Some(Cmd::Diverged { action }) => match action {
+            DivergedCmd::Show { file, json } => diverged::show(&file, json),
+            DivergedCmd::Replay {
+                file,
+                host,
+                port,
+                user,
+                password,
+                include_consumed,
+                dry_run,
+            } => {
+                diverged::replay(diverged::Replay {
+                    path: &file,
+                    host: &host,
+                    port,
+                    user: &user,
+                    password: &password,
+                    include_removed: include_consumed,
+                    dry_run,
+                })
+                .await
+            }
+        },
         Some(Cmd::Fscheck { path }) => {
             let report = tokio::task::spawn_blocking(move || fmq_ha::fscheck::run(&path)).await??;
             println!("{report}");
