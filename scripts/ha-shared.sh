@@ -26,6 +26,10 @@
 # $FMQ_START_TIMEOUT work as there. $FMQ_HA_TIMEOUT (default 30) bounds the
 # wait for the ACTIVE/PASSIVE pair, in seconds.
 #
+# The same script runs the replicated pair (profiles/FerroMQ_HA_rpl, through
+# scripts/ha-rpl.sh, which sets $FMQ_HA_HOME): the mode is read from the
+# primary profile's ha.mode.
+#
 # Exit status: 0 done; 1 failed (the output says what); 4 bad usage.
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -38,8 +42,10 @@ PROFILES=(HAPrimary HASecondary)
 GW_PID_FILE=$HA_HOME/run/gateway.pid
 GW_OUT=$HA_HOME/run/gateway.out
 
+ME=${FMQ_HA_SCRIPT:-ha-shared.sh}
+
 die() {
-    echo "ha-shared.sh: $*" >&2
+    echo "$ME: $*" >&2
     exit 1
 }
 
@@ -115,7 +121,7 @@ stop_gateway() {
     start=$SECONDS
     while fmq_alive "$pid"; do
         if ((SECONDS - start >= 10)); then
-            echo "ha-shared.sh: gateway (pid $pid) still running after 10 s; sending SIGKILL" >&2
+            echo "$ME: gateway (pid $pid) still running after 10 s; sending SIGKILL" >&2
             kill -KILL "$pid" 2>/dev/null
             sleep 0.5
             break
@@ -140,7 +146,9 @@ cmd_start() {
     local p rc start active="" passive="" s0 s1
     [[ -f "$HA_HOME/lock/lock.dat" ]] ||
         die "the lock file $HA_HOME/lock/lock.dat is missing: create it (an empty file) with: touch $HA_HOME/lock/lock.dat"
-    mkdir -p "$HA_HOME/run/db" || die "cannot create the shared store directory $HA_HOME/run/db"
+    if [[ $MODE == shared ]]; then
+        mkdir -p "$HA_HOME/run/db" || die "cannot create the shared store directory $HA_HOME/run/db"
+    fi
     start_gateway
     for p in "${PROFILES[@]}"; do
         "$SCRIPT_DIR/fmq.sh" -profile "$HA_HOME/$p"
@@ -175,6 +183,10 @@ cmd_start() {
     echo
     print_status
     local rel_home=${HA_HOME#"$PWD"/}
+    local TAKEOVER="ACTIVATING, then ACTIVE," COMEBACK=PASSIVE
+    if [[ $MODE == replicated ]]; then
+        TAKEOVER=STANDALONE COMEBACK="PASSIVE_SYNC, catches up, then PASSIVE"
+    fi
     cat <<EOF
 
 Clients: STOMP on 127.0.0.1:$(fmq_profile_key "$HA_HOME/$active/fmq.toml" network port 1856) (the ACTIVE);
@@ -183,11 +195,11 @@ the PASSIVE's port answers CONNECT with an ERROR naming PASSIVE.
 Watch a failover:
   watch -n 0.5 $FMQ_BIN_PATH status --admin-port $(admin_port_of "$passive")     # in another terminal
   kill -9 \$(cat $rel_home/$active/run/fmq.pid)                        # the ACTIVE dies
-  # $passive goes ACTIVATING, then ACTIVE, within about a second
+  # $passive goes $TAKEOVER within about a second
   # (logs: $rel_home/$passive/run/fmq.out)
-  $SCRIPT_DIR/fmq.sh -profile $rel_home/$active    # comes back PASSIVE
+  $SCRIPT_DIR/fmq.sh -profile $rel_home/$active    # comes back $COMEBACK
 Stop everything:
-  $0 stop
+  $SCRIPT_DIR/$ME stop
 EOF
 }
 
@@ -200,7 +212,10 @@ cmd_stop() {
     for p in "${PROFILES[@]}"; do
         port=$(admin_port_of "$p")
         s=$(ha_state "$port")
-        if [[ "$s" == ACTIVE || "$s" == ACTIVATING ]]; then later+=("$p"); else order+=("$p"); fi
+        case "$s" in
+            ACTIVE | ACTIVATING | ACTIVE_SYNC | STANDALONE) later+=("$p") ;;
+            *) order+=("$p") ;;
+        esac
     done
     for p in "${order[@]}" "${later[@]}"; do
         echo "stopping $p"
@@ -223,13 +238,14 @@ main() {
             ;;
         start | stop | status) ;;
         *)
-            echo "ha-shared.sh: unknown action '$action' (start, stop or status; see -help)" >&2
+            echo "$ME: unknown action '$action' (start, stop or status; see -help)" >&2
             exit 4
             ;;
     esac
     [[ -d "$HA_HOME/HAPrimary" && -d "$HA_HOME/HASecondary" ]] ||
         die "$HA_HOME has no HAPrimary and HASecondary profiles"
     FMQ_BIN_PATH=$(fmq_find_bin) || exit 1
+    MODE=$(fmq_profile_key "$HA_HOME/HAPrimary/fmq.toml" ha mode shared)
     case "$action" in
         start) cmd_start ;;
         stop) cmd_stop ;;

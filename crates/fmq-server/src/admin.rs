@@ -291,6 +291,14 @@ pub fn format_status(v: &Value) -> String {
             s("db_path"), s("store_sequence"), s("sessions"), s("messages_in"), s("messages_out"),
             s("dead_lettered"), s("expired"),
         ));
+    } else if v.pointer("/ha/mode").and_then(Value::as_str) == Some("replicated") {
+        out.push_str(&format!(
+            "Store:        {} (replica, sequence {})\n",
+            s("db_path"),
+            v.pointer("/ha/position/sequence")
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        ));
     } else {
         out.push_str(&format!(
             "Store:        {} (not open on this server)\n",
@@ -312,6 +320,49 @@ pub fn format_status(v: &Value) -> String {
             h("role"), h("state"), h("previous"), h("in_state_ms"), h("peer"), h("lock_holder"), h("lock_epoch"),
             if ha.get("gateway_reachable").and_then(Value::as_bool) == Some(true) { "reachable" } else { "NOT reachable" },
         ));
+        if let Some(p) = ha.get("position").filter(|p| !p.is_null()) {
+            let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+            out.push_str(&format!(
+                "Replication:  {}, repository epoch {} sequence {}",
+                h("replication"),
+                n(p, "epoch"),
+                n(p, "sequence")
+            ));
+            if let Some(t) = ha.get("to_passive").filter(|t| !t.is_null()) {
+                out.push_str(&format!(
+                    "; passive confirmed {}, lag {} batches / {} bytes / {:.3} s{}",
+                    n(t, "acked_sequence"),
+                    n(t, "lag_batches"),
+                    n(t, "lag_bytes"),
+                    t.get("lag_seconds").and_then(Value::as_f64).unwrap_or(0.0),
+                    if t.get("waiting_for_passive").and_then(Value::as_bool) == Some(true) {
+                        " (receipts wait for the passive)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            if let Some(c) = ha.get("catch_up").filter(|c| !c.is_null()) {
+                out.push_str(&format!(
+                    "; catching up: applied {} at {:.0} batches/s",
+                    n(c, "applied"),
+                    c.get("batches_per_s")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(0.0)
+                ));
+            }
+            out.push('\n');
+            if let Some(d) = ha.get("diverged").and_then(Value::as_array) {
+                for f in d {
+                    out.push_str(&format!(
+                        "Diverged:     batches {}..={} saved to {} (fmq diverged show FILE)\n",
+                        n(f, "from"),
+                        n(f, "to"),
+                        f.get("file").and_then(Value::as_str).unwrap_or("?")
+                    ));
+                }
+            }
+        }
     }
     if let Some(queues) = v.get("queues").and_then(Value::as_array) {
         if !queues.is_empty() {

@@ -490,7 +490,7 @@ pub async fn run(
                 }
             }
             // Status refresh for the lag figures.
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = shutdown_rx.wait_for(|s| *s) => break 'run,
         }
     }
