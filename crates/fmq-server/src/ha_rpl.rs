@@ -423,7 +423,6 @@ pub async fn run(
                             if let Some(t) = source_task.take() {
                                 t.abort();
                             }
-                            s.feed.set_required(false);
                             source_task = Some(spawn_source(stream, s.source.clone(), note_tx.clone(), generation));
                         }
                         None => tracing::warn!(peer = %stream.peer.server, state = %machine.state(), "replication connection refused: this server does not serve"),
@@ -447,14 +446,10 @@ pub async fn run(
                     events.push_back(Event::SyncComplete);
                 }
                 Note::SourceEnded { generation: g, reason } if g == generation => {
+                    // Receipts keep waiting: the machine releases them when
+                    // the peer reports WAITING (it resyncs) or, once the link
+                    // is down, after it has confirmed the lock and gateway.
                     tracing::info!(%reason, "replication to the passive server ended");
-                    if let Some(s) = &serving {
-                        // Receipts must not wait for a passive that is gone;
-                        // the machine hears of it from the HA link too.
-                        if machine.link_up() {
-                            s.feed.set_required(false);
-                        }
-                    }
                 }
                 Note::Sink { generation: g, event } if g == generation => match event {
                     SinkEvent::InSync => {
