@@ -575,7 +575,20 @@ impl Machine {
     /// The peer's state changed (link up).
     fn peer_update(&mut self, out: &mut Vec<Action>) {
         match self.state {
-            State::Waiting => self.waiting_next(out),
+            State::Waiting => {
+                if self.may_take_over && matches!(self.peer, State::ActiveSync | State::Standalone)
+                {
+                    // The peer serves without waiting for us any more: from
+                    // now on it may confirm batches we do not have, so we are
+                    // no longer an up-to-date stand-in.
+                    self.may_take_over = false;
+                    out.push(Action::Schedule {
+                        timer: Timer::PeerWait,
+                        after_ms: self.timings.max_wait_ms,
+                    });
+                }
+                self.waiting_next(out);
+            }
             State::Standalone | State::ActiveSync | State::Active if peer_serving(self.peer) => {
                 // Two servers claim to serve: the lock decides.
                 out.push(Action::VerifyLock);
@@ -1049,6 +1062,21 @@ mod tests {
                 State::Waiting,
                 vec![Action::TryLock],
                 vec![],
+            ),
+            (
+                "2: ... but not once the active serves without it",
+                || {
+                    let mut m = following(State::Passive);
+                    m.handle(Event::ReplicationFailed {
+                        reason: "closed".into(),
+                    });
+                    m.handle(peer(State::ActiveSync, (2, 9)));
+                    m
+                },
+                Event::LinkDown,
+                State::Waiting,
+                vec![],
+                vec![Action::TryLock],
             ),
             (
                 "2: a PASSIVE_SYNC whose stream broke waits for its peer again",

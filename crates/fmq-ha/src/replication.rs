@@ -212,7 +212,8 @@ impl Frame {
                     sequence: get_u64(&mut b)?,
                 };
                 let n = get_u32(&mut b)? as usize;
-                if n > b.remaining() {
+                // Each entry takes at least 20 bytes: bound the allocation.
+                if n > b.remaining() / 20 {
                     return Err(format!("epoch history of {n} entries in a short frame"));
                 }
                 let mut history = Vec::with_capacity(n);
@@ -805,10 +806,6 @@ async fn stream(
             insync_sent = true;
             insync_at.store(next - 1, std::sync::atomic::Ordering::Release);
             send(tx, &Frame::InSync { sequence: next - 1 }).await?;
-            // An ack may already cover it: nudge the reader with a check.
-            if feed.acks().acked >= next - 1 {
-                feed.acks.send_modify(|_| {});
-            }
         }
         // A batch whose ring entry was trimmed before its local write
         // finished shows up in the log shortly; poll for that rare case.
@@ -1027,7 +1024,7 @@ async fn follow_inner(
     let (mut tx, mut rx) = wire.split();
     let mut store = replica.store();
     let mut expected = store.last_sequence() + 1;
-    let mut max_epoch = position.epoch;
+    let mut max_epoch = position.epoch.max(epoch);
     let mut in_flight: FuturesOrdered<Commit> = FuturesOrdered::new();
     let mut pending_seq: VecDeque<u64> = VecDeque::new();
     let mut insync_target: Option<u64> = None;
@@ -1144,7 +1141,6 @@ async fn follow_inner(
                 }
             }
         }
-        let _ = &epoch;
         debug!(applied, "replication progress");
     }
 }
