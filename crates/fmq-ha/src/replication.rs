@@ -1074,8 +1074,12 @@ async fn follow_inner(
                         if sequence != expected {
                             return Err(format!("replication gap: expected batch {expected}, got {sequence}"));
                         }
-                        let mut batch = Batch::decode(&bytes).map_err(|e| format!("batch {sequence}: {e}"))?;
-                        batch.set_sync(true);
+                        // The batch keeps the active's sync flag: what the
+                        // active made durable (a receipted SEND, a COMMIT) is
+                        // fsynced here before the ack, and a batch it only
+                        // wrote (an unreceipted ACK) is only written here, and
+                        // made durable by the next synced one, as there.
+                        let batch = Batch::decode(&bytes).map_err(|e| format!("batch {sequence}: {e}"))?;
                         in_flight.push_back(store.commit(batch));
                         pending_seq.push_back(sequence);
                         expected += 1;
