@@ -36,13 +36,15 @@ fn message_id(key: &[u8]) -> Option<u64> {
     key.try_into().ok().map(u64::from_be_bytes)
 }
 
-fn fates(
-    path: &Path,
-) -> Result<(
-    serde_json::Value,
-    Vec<(u64, fmq_store::Batch)>,
-    BTreeMap<u64, Fate>,
-)> {
+/// A divergent-batches file, read: its header, its batches, and what they
+/// did to each message.
+struct Divergent {
+    header: serde_json::Value,
+    batches: Vec<(u64, fmq_store::Batch)>,
+    fates: BTreeMap<u64, Fate>,
+}
+
+fn fates(path: &Path) -> Result<Divergent> {
     let (header, batches) = fmq_ha::replication::read_divergent(path).map_err(|e| anyhow!(e))?;
     let mut fates: BTreeMap<u64, Fate> = BTreeMap::new();
     for (seq, batch) in &batches {
@@ -79,7 +81,11 @@ fn fates(
             }
         }
     }
-    Ok((header, batches, fates))
+    Ok(Divergent {
+        header,
+        batches,
+        fates,
+    })
 }
 
 fn printable(bytes: &[u8], max: usize) -> String {
@@ -96,7 +102,11 @@ fn printable(bytes: &[u8], max: usize) -> String {
 
 /// `fmq diverged show FILE`.
 pub fn show(path: &Path, json: bool) -> Result<()> {
-    let (header, batches, fates) = fates(path)?;
+    let Divergent {
+        header,
+        batches,
+        fates,
+    } = fates(path)?;
     let mut out = String::new();
     if json {
         let messages: Vec<serde_json::Value> = fates
@@ -186,7 +196,7 @@ pub struct Replay<'a> {
 
 /// `fmq diverged replay FILE`: re-sends the messages, each with a receipt.
 pub async fn replay(opts: Replay<'_>) -> Result<()> {
-    let (_, _, fates) = fates(opts.path)?;
+    let Divergent { fates, .. } = fates(opts.path)?;
     let chosen: Vec<&Fate> = fates
         .values()
         .filter(|f| opts.include_removed || f.removed_in.is_none())
