@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# FerroMQ vs ActiveMQ Classic vs RabbitMQ: persistent STOMP benchmarks on loopback.
+# FerroMQ (standalone and replicated HA pair) vs ActiveMQ Classic vs RabbitMQ:
+# persistent STOMP benchmarks on loopback.
 #
 #   scripts/bench.sh [--rounds R] [--settle S] [--messages N] [--messages-100 N] [--messages-16 N]
-#                    [--only ferromq,activemq,rabbitmq] [--out FILE] [--no-build]
-#                    [--no-install] [--keep] [--serve]
+#                    [--brokers ferromq,ferromq-rpl,activemq,rabbitmq] [--out FILE] [--no-build]
+#                    [--no-install] [--no-strace] [--keep] [--serve]
+#
+# --brokers (alias --only) selects the brokers; all four by default.
+# ferromq-rpl is the replicated pair of profiles/FerroMQ_HA_rpl
+# (`replication = "sync"`: a RECEIPT waits until the passive has the batch
+# on disk too), both servers and their gateway on this machine, each with its
+# own store; the load goes to the ACTIVE one.
 #
 # --serve starts the brokers, prints their ports and waits (Ctrl-C stops them):
 # handy for manual fmq-bench runs.
@@ -14,6 +21,9 @@
 # brokers interleaved for R rounds (default 5), the first broker rotating from
 # round to round, with `sync` and an S-second pause (default 2) before every
 # run and an fsync probe before each round, and writes docs/benchmarks.md.
+# After the rounds (unless --no-strace, or strace is missing) it runs each
+# FerroMQ broker once more, untimed, under `strace -f -c -e fsync,fdatasync`
+# (every server of the pair) and reports the syncs per message.
 # Everything it started is stopped on exit and its temp dir removed.
 set -euo pipefail
 
@@ -26,14 +36,16 @@ MSG_100=50000      # receipt-100: messages (1 producer)
 MSG_16=1000        # producers-16: messages per producer (16 producers)
 SIZE=1024
 PREFETCH=1000
-ONLY="ferromq,activemq,rabbitmq"
+ALL_BROKERS="ferromq ferromq-rpl activemq rabbitmq"
+ONLY=${ALL_BROKERS// /,}
 OUT="$ROOT/docs/benchmarks.md"
 BUILD=1
 INSTALL=1
 KEEP=0
 RUN_TIMEOUT=600    # per fmq-bench run, seconds
 SERVE=0
-CMDLINE="scripts/bench.sh $*"
+STRACE=1           # count fsyncs per message of the FerroMQ servers after the rounds
+CMDLINE="scripts/bench.sh${*:+ $*}"
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
 
@@ -44,12 +56,13 @@ while [[ $# -gt 0 ]]; do
         --messages) MSG_EACH=$2; shift 2 ;;
         --messages-100) MSG_100=$2; shift 2 ;;
         --messages-16) MSG_16=$2; shift 2 ;;
-        --only) ONLY=$2; shift 2 ;;
+        --only|--brokers) ONLY=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --no-install) INSTALL=0; shift ;;
         --keep) KEEP=1; shift ;;
         --serve) SERVE=1; shift ;;
+        --no-strace) STRACE=0; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -60,16 +73,17 @@ die() { log "ERROR: $*"; exit 1; }
 # shellcheck source=scripts/bench/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench/common.sh"
 
-# Brokers in interleaving order, filtered by --only.
+# Brokers in interleaving order, filtered by --brokers.
 BROKERS=()
-for b in ferromq activemq rabbitmq; do
+for b in $ALL_BROKERS; do
     [[ ",$ONLY," == *",$b,"* ]] && BROKERS+=("$b")
 done
 for b in ${ONLY//,/ }; do
-    case "$b" in ferromq|activemq|rabbitmq) ;; *) die "--only: unknown broker '$b'" ;; esac
+    [[ " $ALL_BROKERS " == *" $b "* ]] || die "--brokers: unknown broker '$b' (known: ${ALL_BROKERS// /,})"
 done
-[[ ${#BROKERS[@]} -gt 0 ]] || die "--only selects no broker"
+[[ ${#BROKERS[@]} -gt 0 ]] || die "--brokers selects no broker"
 want() { [[ " ${BROKERS[*]} " == *" $1 "* ]]; }
+want_fmq() { want ferromq || want ferromq-rpl; }
 
 # ---------------------------------------------------------------- install
 RMQ_SBIN=""
@@ -108,7 +122,7 @@ if [[ $BUILD == 1 ]]; then
         export RUSTC_WRAPPER=${RUSTC_WRAPPER:-sccache}
         export SCCACHE_DIR=${SCCACHE_DIR:-/var/cache/fmq-sccache}
     fi
-    if want ferromq; then
+    if want_fmq; then
         log "building fmq-bench and fmq-server (release)"
         if ! (cd "$ROOT" && cargo build --release -p fmq-bench -p fmq-server); then
             log "WARNING: building fmq-server failed; building fmq-bench alone"
@@ -120,10 +134,10 @@ if [[ $BUILD == 1 ]]; then
     fi
 fi
 [[ -x "$BENCH_BIN" ]] || die "$BENCH_BIN missing (build it or drop --no-build)"
-if want ferromq && [[ ! -x "$FMQ_BIN" ]]; then
+if want_fmq && [[ ! -x "$FMQ_BIN" ]]; then
     log "SKIPPING FerroMQ: $FMQ_BIN does not exist (fmq-server not built yet)"
     SKIPPED_FERROMQ="FerroMQ skipped: $FMQ_BIN was missing"
-    nb=(); for b in "${BROKERS[@]}"; do [[ $b == ferromq ]] || nb+=("$b"); done
+    nb=(); for b in "${BROKERS[@]}"; do [[ $b == ferromq* ]] || nb+=("$b"); done
     BROKERS=("${nb[@]}")
     [[ ${#BROKERS[@]} -gt 0 ]] || die "no broker left to benchmark"
 fi
@@ -132,6 +146,8 @@ SKIPPED_FERROMQ=${SKIPPED_FERROMQ:-}
 # ---------------------------------------------------------------- run dir & cleanup
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/fmq-bench.XXXXXX")
 mkdir -p "$RUN/results"
+# Run from a snapshot of the binaries: others may rebuild target/ meanwhile.
+{ read -r BENCH_BIN; read -r FMQ_BIN; } < <(snapshot_bins "$RUN/bin" "$BENCH_BIN" "$FMQ_BIN")
 PGIDS=()     # process groups we started (setsid leaders)
 CHILD=""     # current foreground helper (fmq-bench run or sleep), stopped on exit
 declare -A PIDOF=()
@@ -144,6 +160,13 @@ cleanup() {
     if [[ -n "${PIDOF[ferromq]:-}" ]] && kill -0 "${PIDOF[ferromq]}" 2>/dev/null; then
         timeout 20 "$FMQ_BIN" shutdown --admin-port "$FMQ_ADMIN_PORT" >/dev/null 2>&1
     fi
+    # The replicated pair: passive first, so no failover happens on the way.
+    local n
+    for n in "${RPL_PASSIVE_IDX:-1}" "$((1 - ${RPL_PASSIVE_IDX:-1}))"; do
+        if [[ -n "${PIDOF[ferromq-rpl$n]:-}" ]] && kill -0 "${PIDOF[ferromq-rpl$n]}" 2>/dev/null; then
+            timeout 20 "$FMQ_BIN" shutdown --admin-port "${RPL_ADMIN[$n]}" >/dev/null 2>&1
+        fi
+    done
     # Stop in reverse start order; epmd (started first, before RabbitMQ) goes last.
     local i
     for ((i = ${#PGIDS[@]} - 1; i >= 0; i--)); do
@@ -273,20 +296,70 @@ start_ferromq() {
     FMQ_ADMIN_PORT=$a
     start_child ferromq "$d/stdout.log" "$FMQ_BIN" -profile "$d/profile" -dbPath "$d/db"
     PORT[ferromq]=$p; LOGIN[ferromq]="admin"; PASS[ferromq]="passwd"; VHOST[ferromq]=127.0.0.1
-    VERSION[ferromq]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/profile/fmq.toml" | head -n1 | tr -s ' ' || echo 'sync = (default)')"
+    VERSION[ferromq]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build of $(stat -c %y "$FMQ_BIN" | cut -d. -f1)), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/profile/fmq.toml" | head -n1 | tr -s ' ' || echo 'sync = (default)')"
     wait_port ferromq "${PIDOF[ferromq]}" "$p" 60 "$d/stdout.log"
+}
+
+# The replicated pair: a gateway and two servers (0 = HAPrimary,
+# 1 = HASecondary) from copies of profiles/FerroMQ_HA_rpl with free ports,
+# each with a fresh store of its own (run/db under its profile copy).
+declare -A RPL_PORT=() RPL_ADMIN=()
+RPL_ACTIVE_IDX=""
+RPL_PASSIVE_IDX=""
+rpl_states() { # -> "state0/state1"
+    echo "$(fmq_ha_state "$FMQ_BIN" "${RPL_ADMIN[0]}")/$(fmq_ha_state "$FMQ_BIN" "${RPL_ADMIN[1]}")"
+}
+rpl_wait_pair() { # seconds: until one server is ACTIVE and the other PASSIVE; sets RPL_ACTIVE_IDX
+    local secs=$1 start=$SECONDS st
+    while :; do
+        st=$(rpl_states)
+        case "$st" in
+            ACTIVE/PASSIVE) RPL_ACTIVE_IDX=0; RPL_PASSIVE_IDX=1; return 0 ;;
+            PASSIVE/ACTIVE) RPL_ACTIVE_IDX=1; RPL_PASSIVE_IDX=0; return 0 ;;
+        esac
+        if ((SECONDS - start >= secs)); then
+            log "replicated pair not ACTIVE/PASSIVE after ${secs}s (states $st)"
+            tail -n 20 "$RUN"/ferromq-rpl/HA*/run/fmq.out >&2 2>/dev/null || true
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+start_ferromq_rpl() {
+    local d="$RUN/ferromq-rpl" src="$ROOT/profiles/FerroMQ_HA_rpl" ports p0 p1 a0 a1 g i prof
+    [[ -f "$src/HAPrimary/fmq.toml" && -f "$src/HASecondary/fmq.toml" ]] || { log "profiles/FerroMQ_HA_rpl missing"; return 1; }
+    ports=$(fmq_pair_profiles "$src" "$d") || return 1
+    read -r p0 p1 a0 a1 g <<<"$ports"
+    RPL_PORT[0]=$p0; RPL_PORT[1]=$p1; RPL_ADMIN[0]=$a0; RPL_ADMIN[1]=$a1
+    grep -Eq '^replication = "sync"' "$d/HAPrimary/fmq.toml" || log "WARNING: profiles/FerroMQ_HA_rpl does not set replication = \"sync\""
+    start_child ferromq-rpl-gw "$d/run/gateway.out" "$FMQ_BIN" gateway --listen "127.0.0.1:$g"
+    wait_port "replicated pair gateway" "${PIDOF[ferromq-rpl-gw]}" "$g" 10 "$d/run/gateway.out" || return 1
+    for i in 0 1; do
+        prof=HAPrimary; [[ $i == 1 ]] && prof=HASecondary
+        start_child "ferromq-rpl$i" "$d/$prof/run/fmq.out" "$FMQ_BIN" -profile "$d/$prof"
+        wait_port "replicated $prof" "${PIDOF[ferromq-rpl$i]}" "${RPL_ADMIN[$i]}" 60 "$d/$prof/run/fmq.out" || return 1
+    done
+    rpl_wait_pair 90 || return 1
+    PORT[ferromq-rpl]=${RPL_PORT[$RPL_ACTIVE_IDX]}; LOGIN[ferromq-rpl]="admin"; PASS[ferromq-rpl]="passwd"; VHOST[ferromq-rpl]=127.0.0.1
+    PIDOF[ferromq-rpl]=${PIDOF[ferromq-rpl$RPL_ACTIVE_IDX]}
+    local role=HAPrimary; [[ $RPL_ACTIVE_IDX == 1 ]] && role=HASecondary
+    VERSION[ferromq-rpl]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build of $(stat -c %y "$FMQ_BIN" | cut -d. -f1)), replicated pair of profiles/FerroMQ_HA_rpl on this machine ($(grep -E '^replication[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), ping_interval $(grep -E '^ping_interval' "$d/HAPrimary/fmq.toml" | grep -Eo '[0-9]+') ms), load sent to the ACTIVE ($role), both stores on the same disk"
+}
+stop_ferromq_rpl() { # after a failed start
+    local n
+    for n in ferromq-rpl1 ferromq-rpl0 ferromq-rpl-gw; do stop_group "${PIDOF[$n]:-}" "$n"; done
 }
 
 FAILED_START=()
 for b in "${BROKERS[@]}"; do
     log "starting $b"
-    if "start_$b"; then
+    if "start_${b//-/_}"; then
         STARTED[$b]=1
         log "$b listening on 127.0.0.1:${PORT[$b]} (pid ${PIDOF[$b]})"
     else
         FAILED_START+=("$b")
         log "WARNING: $b did not start; it is left out"
-        stop_group "${PIDOF[$b]:-}" "$b" || true
+        if [[ $b == ferromq-rpl ]]; then stop_ferromq_rpl; else stop_group "${PIDOF[$b]:-}" "$b" || true; fi
     fi
 done
 ACTIVE=()
@@ -302,8 +375,54 @@ if [[ $SERVE == 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- runs
+# The replicated pair's HA view, one JSON line: per server (0 = HAPrimary)
+# state, pid, since_ms (when it entered the state) and store sequence.
+rpl_snapshot() {
+    local i raw=()
+    for i in 0 1; do
+        raw+=("$(timeout 3 "$FMQ_BIN" status --admin-port "${RPL_ADMIN[$i]}" --json 2>/dev/null | tr -d '\n' || true)")
+    done
+    python3 - "${raw[@]}" <<'EOF'
+import json, sys
+res = []
+for raw in sys.argv[1:]:
+    try:
+        j = json.loads(raw)
+        ha = j.get("ha") or {}
+        res.append({"state": ha.get("state"), "pid": j.get("pid"), "since_ms": ha.get("since_ms"),
+                    "sequence": (ha.get("position") or {}).get("sequence")})
+    except ValueError:
+        res.append({"state": None})
+print(json.dumps(res))
+EOF
+}
+
+RPL_EVENTS=()   # servers of the pair found dead and restarted, failovers seen
+rpl_before_run() { # restart a server that died (others share this machine), wait for ACTIVE/PASSIVE
+    local i prof old=$RPL_ACTIVE_IDX
+    for i in 0 1; do
+        if ! kill -0 "${PIDOF[ferromq-rpl$i]}" 2>/dev/null; then
+            prof=HAPrimary; [[ $i == 1 ]] && prof=HASecondary
+            log "WARNING: replicated $prof (pid ${PIDOF[ferromq-rpl$i]}) is gone (killed from outside?); restarting it"
+            RPL_EVENTS+=("$(date -u +%H:%M:%S) $prof pid ${PIDOF[ferromq-rpl$i]} found dead before a run; restarted")
+            start_child "ferromq-rpl$i" "$RUN/ferromq-rpl/$prof/run/fmq.restart.$SECONDS.out" "$FMQ_BIN" -profile "$RUN/ferromq-rpl/$prof"
+        fi
+    done
+    rpl_wait_pair 90 || return 1
+    if [[ $RPL_ACTIVE_IDX != "$old" ]]; then
+        RPL_EVENTS+=("$(date -u +%H:%M:%S) the active moved from server $old to server $RPL_ACTIVE_IDX")
+    fi
+    PORT[ferromq-rpl]=${RPL_PORT[$RPL_ACTIVE_IDX]}
+    PIDOF[ferromq-rpl]=${PIDOF[ferromq-rpl$RPL_ACTIVE_IDX]}
+}
+
 bench() { # broker scenario round extra-args...  -> results/<scenario>.<broker>.<round>.json
     local b=$1 sc=$2 r=$3; shift 3
+    local ha_before="" ha_after=""
+    if [[ $b == ferromq-rpl ]]; then
+        rpl_before_run || log "WARNING: replicated pair not ACTIVE/PASSIVE before $sc round $r"
+        ha_before=$(rpl_snapshot)
+    fi
     local out="$RUN/results/$sc.$b.$r.json" args=(--host 127.0.0.1 --port "${PORT[$b]}" --vhost "${VHOST[$b]}")
     [[ -n "${LOGIN[$b]}" ]] && args+=(--login "${LOGIN[$b]}" --passcode "${PASS[$b]}")
     args+=(--destination "/queue/fmqbench.$sc.$r.$$.$RANDOM" --size "$SIZE" --persistent
@@ -315,13 +434,34 @@ bench() { # broker scenario round extra-args...  -> results/<scenario>.<broker>.
     wait $CHILD || rc=$?
     CHILD=""
     [[ -s "$out" ]] || echo "{\"ok\": false, \"errors\": [\"fmq-bench exit $rc: $(tr -d '"\\\n' <"$out.err" | head -c 300)\"]}" >"$out"
-    python3 - "$out" "$b" "$sc" "$r" "$rc" <<'EOF' >&2
+    [[ $b == ferromq-rpl ]] && ha_after=$(rpl_snapshot)
+    python3 - "$out" "$b" "$sc" "$r" "$rc" "$ha_before" "$ha_after" <<'EOF' >&2
 import json, sys
 j = json.load(open(sys.argv[1]))
+note = ""
+if sys.argv[6]:
+    # Replicated pair: the run counts only if the same two processes were
+    # ACTIVE and PASSIVE, without a state change, from before to after it.
+    before, after = json.loads(sys.argv[6]), json.loads(sys.argv[7] or "[]")
+    j["ha"] = {"before": before, "after": after}
+    def pair(s):
+        return sorted(x.get("state") or "-" for x in s) == ["ACTIVE", "PASSIVE"]
+    # since_ms (entry into the state) is reported with a ms or two of jitter.
+    stable = pair(before) and len(after) == 2 and pair(after) and all(
+        (a.get("state"), a.get("pid")) == (b.get("state"), b.get("pid"))
+        and abs((a.get("since_ms") or 0) - (b.get("since_ms") or 0)) < 100
+        for a, b in zip(before, after))
+    j["ha_stable"] = stable
+    if not stable:
+        j.setdefault("warnings", []).append(
+            "HA pair not ACTIVE/PASSIVE throughout the run (before %s, after %s): excluded from the medians"
+            % ("/".join(str(x.get("state")) for x in before), "/".join(str(x.get("state")) for x in after)))
+        note = " HA-UNSTABLE"
+    json.dump(j, open(sys.argv[1], "w"))
 lat = j.get("latency_ms", {})
-print(f"  {sys.argv[3]:<13} {sys.argv[2]:<9} round {sys.argv[4]}: {j.get('msg_per_sec', 0):9.0f} msg/s "
+print(f"  {sys.argv[3]:<13} {sys.argv[2]:<11} round {sys.argv[4]}: {j.get('msg_per_sec', 0):9.0f} msg/s "
       f"p50 {lat.get('p50', 0):7.2f} ms p99 {lat.get('p99', 0):7.2f} ms lost {j.get('lost', '?')} "
-      f"dup {j.get('duplicates', '?')} exit {sys.argv[5]} {'; '.join(j.get('errors', []))}")
+      f"dup {j.get('duplicates', '?')} exit {sys.argv[5]}{note} {'; '.join(j.get('errors', []))}")
 EOF
 }
 
@@ -371,6 +511,42 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 ELAPSED=$(($(date +%s) - T0))
 
+# fsyncs per message of the FerroMQ servers (not timed: strace slows them).
+# Writes fsyncs.tsv: broker scenario server messages syscall-count pair-in-sync.
+strace_counts() { # broker scenario messages-per-producer producers receipt-every
+    local b=$1 sc=$2 n=$3 np=$4 re=$5 pids=() names=() spids=() i f
+    if [[ $b == ferromq ]]; then
+        pids=("${PIDOF[ferromq]}"); names=(standalone)
+    else
+        rpl_before_run || return 0
+        pids=("${PIDOF[ferromq-rpl$RPL_ACTIVE_IDX]}" "${PIDOF[ferromq-rpl$((1 - RPL_ACTIVE_IDX))]}")
+        names=(active passive)
+    fi
+    for i in "${!pids[@]}"; do
+        strace -f -c -e trace=fsync,fdatasync -o "$RUN/strace.$b.$sc.${names[$i]}" -p "${pids[$i]}" 2>/dev/null &
+        spids+=($!)
+    done
+    sleep 1
+    bench "$b" "strace-$sc" 0 --producers "$np" --messages "$n" --receipt-every "$re" || true
+    sleep 0.5
+    for i in "${!spids[@]}"; do kill -INT "${spids[$i]}" 2>/dev/null; wait "${spids[$i]}" 2>/dev/null || true; done
+    for i in "${!pids[@]}"; do
+        f="$RUN/strace.$b.$sc.${names[$i]}"
+        echo -e "$b\t$sc\t${names[$i]}\t$((n * np))\t$(awk '$NF == "total" { print $4 }' "$f" 2>/dev/null || echo '?')\t$(python3 -c 'import json, sys
+try: print({True: "yes", False: "no"}.get(json.load(open(sys.argv[1])).get("ha_stable"), "-"))
+except (OSError, ValueError): print("-")' "$RUN/results/strace-$sc.$b.0.json")" >>"$RUN/fsyncs.tsv"
+    done
+}
+if [[ $STRACE == 1 ]] && command -v strace >/dev/null; then
+    for b in "${ACTIVE[@]}"; do
+        [[ $b == ferromq* ]] || continue
+        log "strace fsync counts: $b"
+        strace_counts "$b" receipt-each 2000 1 1
+        strace_counts "$b" receipt-100 5000 1 100
+        strace_counts "$b" producers-16 200 16 1
+    done
+fi
+
 # ---------------------------------------------------------------- report
 {
     echo "command=$CMDLINE"
@@ -385,6 +561,8 @@ ELAPSED=$(($(date +%s) - T0))
     echo "brokers=${ACTIVE[*]}"
     echo "failed_start=${FAILED_START[*]:-}"
     echo "skipped=$SKIPPED_FERROMQ"
+    echo "rpl_events=$(IFS='|'; echo "${RPL_EVENTS[*]:-}")"
+    echo "load=$(cut -d' ' -f1-3 /proc/loadavg)"
     for b in "${ACTIVE[@]}"; do echo "version.$b=${VERSION[$b]}"; done
     echo "nproc=$(nproc)"
     echo "mem=$(free -h | awk '/^Mem:/ {print $2}')"

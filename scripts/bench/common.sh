@@ -40,3 +40,71 @@ finally:
     s.close()
 PY
 }
+
+free_ports() { # n -> n distinct ports free on 127.0.0.1 right now, one line
+    python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+PY
+}
+
+# fmq_pair_profiles SRC DIR: copies SRC/HAPrimary/fmq.toml and
+# SRC/HASecondary/fmq.toml (profiles/FerroMQ_HA_shared or FerroMQ_HA_rpl)
+# to DIR/HAPrimary and DIR/HASecondary with every shipped port (client
+# 1856/1956, admin 1858/1859, HA 2000/3000, gateway 7007) replaced by a free
+# one, and creates DIR/lock/lock.dat (empty), DIR/run and DIR/HA*/run, so
+# relative store paths (../run/db shared, run/db replicated) land in DIR.
+# Prints "client0 client1 admin0 admin1 gateway" (0 = primary); returns 1
+# (with a message on stderr) if a port could not be rewritten.
+fmq_pair_profiles() {
+    local src=$1 dir=$2 p0 p1 a0 a1 h0 h1 g f
+    read -r p0 p1 a0 a1 h0 h1 g < <(free_ports 7)
+    mkdir -p "$dir/lock" "$dir/run"
+    : >"$dir/lock/lock.dat"
+    for f in HAPrimary HASecondary; do
+        mkdir -p "$dir/$f/run"
+        cp "$src/$f/fmq.toml" "$dir/$f/fmq.toml" || return 1
+    done
+    sed -i -E -e "s/^port = 1856\$/port = $p0/" -e "s/^port = 1956\$/port = $p1/" \
+        -e "s/^admin_port = 1858\$/admin_port = $a0/" -e "s/^admin_port = 1859\$/admin_port = $a1/" \
+        -e "s/^port = 2000\$/port = $h0/" -e "s/^port = 3000\$/port = $h1/" \
+        -e "s/^backup_ha_port = 2000\$/backup_ha_port = $h0/" -e "s/^backup_ha_port = 3000\$/backup_ha_port = $h1/" \
+        -e "s/^backup_server_port = 1856\$/backup_server_port = $p0/" -e "s/^backup_server_port = 1956\$/backup_server_port = $p1/" \
+        -e "s/^backup_rmi_server_port = 1858\$/backup_rmi_server_port = $a0/" -e "s/^backup_rmi_server_port = 1859\$/backup_rmi_server_port = $a1/" \
+        -e "s/^gateway_server_port = 7007\$/gateway_server_port = $g/" \
+        "$dir/HAPrimary/fmq.toml" "$dir/HASecondary/fmq.toml"
+    for f in HAPrimary HASecondary; do
+        if grep -Eq '^(port|admin_port|backup_ha_port|backup_server_port|backup_rmi_server_port) = (1856|1956|1858|1859|2000|3000)$|^gateway_server_port = 7007$' "$dir/$f/fmq.toml"; then
+            echo "could not rewrite every port in $dir/$f/fmq.toml" >&2
+            return 1
+        fi
+    done
+    echo "$p0 $p1 $a0 $a1 $g"
+}
+
+fmq_ha_state() { # fmq-binary admin-port -> ACTIVE, PASSIVE, STANDALONE, ... or nothing
+    timeout 3 "$1" status --admin-port "$2" --json 2>/dev/null |
+        python3 -c 'import json,sys
+try: print(json.load(sys.stdin)["ha"]["state"])
+except Exception: pass' || true
+}
+
+# snapshot_bins DIR BIN...: hard-links (or copies) each binary into DIR and
+# prints the new paths, one a line, so a concurrent `cargo build` (which
+# replaces target/release/*) cannot swap a binary under a running benchmark.
+snapshot_bins() {
+    local dir=$1 b; shift
+    mkdir -p "$dir"
+    for b in "$@"; do
+        [[ -x "$b" ]] || { echo "$b"; continue; }
+        ln "$b" "$dir/" 2>/dev/null || cp "$b" "$dir/" || return 1
+        echo "$dir/$(basename "$b")"
+    done
+}

@@ -3,8 +3,9 @@
 
 usage: report.py RUN_DIR OUT.md
 
-RUN_DIR holds meta.txt (key=value), fsync.tsv and results/<scenario>.<broker>.<round>.json
-(one fmq-bench --json object each).
+RUN_DIR holds meta.txt (key=value), fsync.tsv, results/<scenario>.<broker>.<round>.json
+(one fmq-bench --json object each) and, when strace ran, fsyncs.tsv (broker, scenario,
+server, messages, fsync+fdatasync calls, pair ACTIVE/PASSIVE throughout: yes/no/-).
 """
 import glob
 import json
@@ -17,8 +18,13 @@ SCENARIOS = [
     ("receipt-100", "1 producer + 1 consumer, receipt on every 100th SEND (and the last)", 3.0),
     ("producers-16", "16 producers, each with a receipt on every SEND, + 1 consumer", 2.0),
 ]
-NAMES = {"ferromq": "FerroMQ", "activemq": "ActiveMQ", "rabbitmq": "RabbitMQ"}
-ORDER = ["ferromq", "activemq", "rabbitmq"]
+NAMES = {"ferromq": "FerroMQ", "ferromq-rpl": "FerroMQ replicated (sync)",
+         "activemq": "ActiveMQ", "rabbitmq": "RabbitMQ"}
+ORDER = ["ferromq", "ferromq-rpl", "activemq", "rabbitmq"]
+# The replicated pair against FerroMQ standalone (at least) and against the
+# best peer (ahead of it).
+RPL_VS_STANDALONE = 0.7
+RPL_VS_PEER = 1.0
 
 
 def load(run):
@@ -47,7 +53,16 @@ def load(run):
         res.setdefault((sc, broker), []).append((int(rnd), j))
     for v in res.values():
         v.sort(key=lambda x: x[0])
-    return meta, fsync, res
+    fsyncs = []
+    try:
+        with open(os.path.join(run, "fsyncs.tsv")) as f:
+            for line in f:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) in (5, 6):
+                    fsyncs.append((parts + ["-"])[:6])
+    except OSError:
+        pass
+    return meta, fsync, res, fsyncs
 
 
 def med(xs):
@@ -68,26 +83,44 @@ def fmt_ratio(x):
 
 
 def summary(runs):
-    """Median msg/s, p50, p99 over rounds; loss/dup totals; failure count."""
-    ok = [j for _, j in runs if j.get("msg_per_sec")]
+    """Median msg/s, p50, p99 over rounds; loss/dup totals; failure count.
+
+    Runs of the replicated pair during which it was not ACTIVE/PASSIVE
+    throughout (ha_stable false) are left out of the medians.
+    """
+    ok = [j for _, j in runs if j.get("msg_per_sec") and j.get("ha_stable", True)]
     lat = [j.get("latency_ms", {}) for j in ok]
     return {
         "rate": med([j["msg_per_sec"] for j in ok]),
         "p50": med([x.get("p50") for x in lat]),
         "p99": med([x.get("p99") for x in lat]),
         "rounds": [j.get("msg_per_sec") for _, j in runs],
+        "round_list": [(r, j.get("msg_per_sec")) for r, j in runs],
+        "by_round": {r: j.get("msg_per_sec") for r, j in runs if j.get("ha_stable", True)},
+        "unstable": [r for r, j in runs if not j.get("ha_stable", True)],
         "lost": sum(j.get("lost", 0) or 0 for _, j in runs),
         "dup": sum(j.get("duplicates", 0) or 0 for _, j in runs),
         "failed": sum(1 for _, j in runs if not j.get("ok")),
         "errors": [e for _, j in runs for e in j.get("errors", [])],
+        "warnings": [f"round {r}: {e}" for r, j in runs for e in j.get("warnings", [])],
     }
+
+
+def per_round(s):
+    """msg/s of every round, in order; rounds left out of the median marked."""
+    cells = []
+    for r, x in s["round_list"]:
+        c = fmt_rate(x) if x else "fail"
+        cells.append(c + " (HA pair not in sync: left out)" if r in s["unstable"] else c)
+    return ", ".join(cells) or "none"
 
 
 def main():
     run, out = sys.argv[1], sys.argv[2]
-    meta, fsync, res = load(run)
+    meta, fsync, res, fsyncs = load(run)
     brokers = [b for b in ORDER if b in meta.get("brokers", "").split()]
-    peers = [b for b in brokers if b != "ferromq"]
+    peers = [b for b in brokers if not b.startswith("ferromq")]
+    rpl = "ferromq-rpl" in brokers
     L = []
     w = L.append
     w("# FerroMQ benchmarks: persistent STOMP vs ActiveMQ Classic and RabbitMQ")
@@ -114,6 +147,8 @@ def main():
     w(f"| file system of the data dirs | {meta.get('fs', '?')} |")
     probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, m, p in fsync)
     w(f"| fsync probe, 4 KiB write + fdatasync, median of 200 | {probes} |")
+    if meta.get("load"):
+        w(f"| load average (1/5/15 min) at the end of the rounds | {meta['load']} |")
     w("")
     w("## Command and settings")
     w("")
@@ -138,43 +173,82 @@ def main():
     for b in brokers:
         if meta.get(f"version.{b}"):
             w(f"- {NAMES[b]}: {meta[f'version.{b}']}.")
-    w("- All three sync to disk before a RECEIPT for a persistent SEND (ActiveMQ KahaDB "
+    w("- All brokers sync to disk before a RECEIPT for a persistent SEND (ActiveMQ KahaDB "
       "`journalDiskSyncStrategy=\"always\"`, RabbitMQ durable queue + publisher confirm semantics "
       "of STOMP receipts, FerroMQ `store.sync = true`).")
+    if rpl:
+        w("- FerroMQ replicated (sync): the HAPrimary/HASecondary pair of `profiles/FerroMQ_HA_rpl` "
+          "(copies with free ports and fresh stores) and its `fmq gateway`, all on this machine; each "
+          "server has its own store on the same disk. With `replication = \"sync\"` a RECEIPT for a "
+          "persistent SEND is sent only once the passive has the batch on its disk too. The load goes to "
+          "the ACTIVE server; a run counts only if the pair was ACTIVE/PASSIVE, with the same processes "
+          "and no state change, from before it to after it (`fmq status`).")
+        if meta.get("rpl_events"):
+            w(f"- **Replicated pair events during the rounds: {meta['rpl_events'].replace('|', '; ')}.**")
     w("")
 
     targets = []
+    rpl_rows = []
     any_loss = 0
+    warned = 0
     for sc, desc, target in SCENARIOS:
         w(f"## {sc}")
         w("")
         w(f"{desc}.")
         w("")
-        w("| broker | msg/s (median) | p50 ms | p99 ms | msg/s per round | lost | duplicates | failed runs | FerroMQ / this |")
-        w("|---|---:|---:|---:|---|---:|---:|---:|---:|")
         sums = {b: summary(res.get((sc, b), [])) for b in brokers}
         f_rate = sums.get("ferromq", {}).get("rate")
+        r_rate = sums.get("ferromq-rpl", {}).get("rate")
+        head = "| broker | msg/s (median) | p50 ms | p99 ms | msg/s per round | lost | duplicates | failed runs | FerroMQ / this |"
+        rule = "|---|---:|---:|---:|---|---:|---:|---:|---:|"
+        if rpl:
+            head += " FerroMQ replicated / this |"
+            rule += "---:|"
+        w(head)
+        w(rule)
         for b in brokers:
             s = sums[b]
             any_loss += s["lost"] + s["dup"] + s["failed"]
+            warned += len(s["warnings"])
             ratio = None
             if b != "ferromq" and f_rate and s["rate"]:
                 ratio = f_rate / s["rate"]
-            per_round = ", ".join(fmt_rate(x) if x else "fail" for x in s["rounds"]) or "none"
-            w(f"| {NAMES[b]} | {fmt_rate(s['rate'])} | {fmt_ms(s['p50'])} | {fmt_ms(s['p99'])} | "
-              f"{per_round} | {s['lost']} | {s['dup']} | {s['failed']} | "
-              f"{'-' if b == 'ferromq' else fmt_ratio(ratio)} |")
+            row = (f"| {NAMES[b]} | {fmt_rate(s['rate'])} | {fmt_ms(s['p50'])} | {fmt_ms(s['p99'])} | "
+                   f"{per_round(s)} | {s['lost']} | {s['dup']} | {s['failed']} | "
+                   f"{'-' if b == 'ferromq' else fmt_ratio(ratio)} |")
+            if rpl:
+                rr = r_rate / s["rate"] if b != "ferromq-rpl" and r_rate and s["rate"] else None
+                row += f" {'-' if b == 'ferromq-rpl' else fmt_ratio(rr)} |"
+            w(row)
         w("")
         best = max((b for b in peers if sums[b]["rate"]), key=lambda b: sums[b]["rate"], default=None)
         if best and f_rate:
             r = f_rate / sums[best]["rate"]
             status = "met" if r >= target else "not met"
             w(f"FerroMQ / best peer ({NAMES[best]}): **{r:.2f}x**; target >= {target:g}x: **{status}**.")
-            targets.append((sc, target, f"{r:.2f}x vs {NAMES[best]}", status))
+            targets.append((sc, f"FerroMQ / best peer >= {target:g}x", f"{r:.2f}x vs {NAMES[best]}", status))
         else:
             why = "FerroMQ not measured" if not f_rate else "no peer measured"
             w(f"FerroMQ / best peer: n/a ({why}); target >= {target:g}x: **not measured**.")
-            targets.append((sc, target, "n/a", "not measured"))
+            targets.append((sc, f"FerroMQ / best peer >= {target:g}x", "n/a", "not measured"))
+        if rpl:
+            w("")
+            vs_f = r_rate / f_rate if r_rate and f_rate else None
+            vs_p = r_rate / sums[best]["rate"] if r_rate and best else None
+            st_f = "not measured" if vs_f is None else ("met" if vs_f >= RPL_VS_STANDALONE else "not met")
+            st_p = "not measured" if vs_p is None else ("met" if vs_p > RPL_VS_PEER else "not met")
+            both = sorted(set(sums["ferromq"]["by_round"]) & set(sums["ferromq-rpl"]["by_round"])) if "ferromq" in sums else []
+            rounds = [(r, sums["ferromq-rpl"]["by_round"][r] / sums["ferromq"]["by_round"][r]) for r in both
+                      if sums["ferromq-rpl"]["by_round"][r] and sums["ferromq"]["by_round"][r]]
+            per = ", ".join(f"{x:.2f}" for _, x in rounds) or "n/a"
+            w(f"FerroMQ replicated / FerroMQ standalone: **{fmt_ratio(vs_f)}** (per round {per}); "
+              f"target >= {RPL_VS_STANDALONE:g}x: **{st_f}**. "
+              f"FerroMQ replicated / best peer{f' ({NAMES[best]})' if best else ''}: **{fmt_ratio(vs_p)}**; "
+              f"target > {RPL_VS_PEER:g}x (ahead of both peers): **{st_p}**.")
+            targets.append((sc, f"replicated / standalone >= {RPL_VS_STANDALONE:g}x", fmt_ratio(vs_f), st_f))
+            targets.append((sc, f"replicated / best peer > {RPL_VS_PEER:g}x",
+                            f"{fmt_ratio(vs_p)}{f' vs {NAMES[best]}' if best else ''}", st_p))
+            rpl_rows.append((sc, sums, best, f_rate, r_rate, vs_f, vs_p, per))
         errs = [e for b in brokers for e in sums[b]["errors"]]
         if errs:
             w("")
@@ -182,34 +256,75 @@ def main():
             for b in brokers:
                 for e in sums[b]["errors"][:5]:
                     w(f"- {NAMES[b]}: `{e[:300]}`")
+        warns = [e for b in brokers for e in sums[b]["warnings"]]
+        if warns:
+            w("")
+            w("Warnings:")
+            for b in brokers:
+                for e in sums[b]["warnings"][:5]:
+                    w(f"- {NAMES[b]}: {e[:300]}")
         w("")
+
+    if rpl:
+        w("## FerroMQ replicated (sync) vs standalone")
+        w("")
+        w("Medians of msg/s from the tables above.")
+        w("")
+        w("| scenario | " + " | ".join(NAMES[b] for b in brokers) +
+          " | FerroMQ vs best peer | replicated / standalone | replicated vs best peer | replicated / standalone per round |")
+        w("|---|" + "---:|" * len(brokers) + "---:|---:|---:|---|")
+        for sc, sums, best, f_rate, r_rate, vs_f, vs_p, per in rpl_rows:
+            vs_best = f_rate / sums[best]["rate"] if best and f_rate else None
+            w(f"| {sc} | " + " | ".join(fmt_rate(sums[b]["rate"]) for b in brokers) +
+              f" | {fmt_ratio(vs_best)} | {fmt_ratio(vs_f)} | {fmt_ratio(vs_p)} | {per} |")
+        w("")
+        if fsyncs:
+            w("fsync + fdatasync calls per message, counted with `strace -f -c -e trace=fsync,fdatasync` "
+              "on every FerroMQ server during one extra, untimed run per scenario after the rounds "
+              "(receipt-each: 2,000 messages, receipt-100: 5,000, producers-16: 16 x 200; the consumer ACKs "
+              "every message):")
+            w("")
+            w("| broker | scenario | server | messages | syncs | syncs per message | pair ACTIVE/PASSIVE throughout |")
+            w("|---|---|---|---:|---:|---:|---|")
+            for b, sc, srv, n, calls, stable in fsyncs:
+                try:
+                    per_msg = f"{int(calls) / int(n):.2f}"
+                except ValueError:
+                    per_msg = "n/a"
+                w(f"| {NAMES.get(b, b)} | {sc} | {srv} | {n} | {calls} | {per_msg} | {stable} |")
+            w("")
 
     w("## Targets")
     w("")
-    w("| scenario | target (FerroMQ / best peer, msg/s) | measured | status |")
+    w("| scenario | target (ratio of median msg/s) | measured | status |")
     w("|---|---|---|---|")
     for sc, target, meas, status in targets:
-        w(f"| {sc} | >= {target:g}x | {meas} | {status} |")
+        w(f"| {sc} | {target} | {meas} | {status} |")
     w("")
     if any_loss:
         w(f"**Lost/duplicate messages or failed runs: {any_loss} (must be 0). See the tables above.**")
     else:
         w("Lost and duplicate messages: 0 in every run (fmq-bench checks every producer's sequence numbers).")
+    if warned:
+        w("")
+        w(f"**Runs of the replicated pair left out of the medians (pair not ACTIVE/PASSIVE throughout): {warned}.**")
     w("")
     w("## How to run")
     w("")
     w("```")
-    w("scripts/bench.sh                         # all three brokers, 5 rounds, writes this page")
-    w("scripts/bench.sh --only activemq,rabbitmq --rounds 5")
+    w("scripts/bench.sh                         # all four brokers, 5 rounds, writes this page")
+    w("scripts/bench.sh --brokers ferromq,ferromq-rpl --rounds 5   # (alias --only)")
     w("scripts/bench.sh --messages 5000 --messages-100 50000 --messages-16 1000   # the defaults")
     w("scripts/bench.sh --serve                 # start the brokers, print their ports, wait for Ctrl-C")
     w("```")
     w("")
     w("It installs the Debian packages `activemq` and `rabbitmq-server` when missing, builds "
-      "`fmq-bench` and `fmq-server` (release), runs every broker as its own child process on "
-      "free 127.0.0.1 ports with data in a temp dir, and stops them all (RabbitMQ's epmd included) "
-      "and removes the temp dir on exit. FerroMQ is skipped, with a note at the top of this page, "
-      "when `target/release/fmq` does not exist. Peer configurations: `scripts/bench/`.")
+      "`fmq-bench` and `fmq-server` (release), runs every broker (the replicated pair: its gateway "
+      "and both servers) as its own child process on free 127.0.0.1 ports with data in a temp dir, "
+      "runs from a snapshot (hard link) of the binaries so a concurrent `cargo build` cannot swap "
+      "them, and stops them all (RabbitMQ's epmd included) and removes the temp dir on exit. "
+      "FerroMQ is skipped, with a note at the top of this page, when `target/release/fmq` does "
+      "not exist. `--no-strace` skips the fsync count. Peer configurations: `scripts/bench/`.")
     w("")
     w("## Reproducing a single run")
     w("")
