@@ -717,6 +717,157 @@ pub fn longest_double_active(a: &[Sample], b: &[Sample]) -> Duration {
     longest
 }
 
+/// One admin `status` request with short timeouts (a stopped or dead
+/// server must not stall a fast poll): the `data` object, or `None`.
+pub fn quick_status(admin_port: u16, wait: Duration) -> Option<serde_json::Value> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let mut s = StdTcpStream::connect_timeout(&addr, wait).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
+    s.set_write_timeout(Some(wait)).ok()?;
+    s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    if v["ok"].as_bool() != Some(true) {
+        return None;
+    }
+    Some(v["data"].clone())
+}
+
+/// Sets `key = value` (value as TOML text) in `[section]` of a profile
+/// text, replacing the existing line or adding one at the end of the
+/// section (the text-level twin of [`TempProfile::set`]).
+pub fn set_toml_key(text: &str, section: &str, key: &str, value: &str) -> String {
+    let header = format!("[{section}]");
+    let mut out: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut done = false;
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if current == header && !done {
+                out.push(format!("{key} = {value}"));
+                done = true;
+            }
+            current = t.to_owned();
+        }
+        let is_key = !t.starts_with('#') && t.split_once('=').is_some_and(|(k, _)| k.trim() == key);
+        if current == header && is_key {
+            if !done {
+                out.push(format!("{key} = {value}"));
+                done = true;
+            }
+            continue;
+        }
+        out.push(line.to_owned());
+    }
+    if !done {
+        if current != header {
+            out.push(header);
+        }
+        out.push(format!("{key} = {value}"));
+    }
+    out.join("\n") + "\n"
+}
+
+/// A spawned process whose stdout and stderr go to files; SIGKILLed (after
+/// SIGCONT, in case it is stopped) and reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Mutex<Child>,
+    pid: u32,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` (without `RUST_LOG`, with `NO_COLOR=1`, stdin closed),
+    /// its stdout to `out` and stderr to `err`.
+    pub fn spawn(cmd: &mut ProcessCommand, out: PathBuf, err: PathBuf) -> Result<Proc> {
+        let child = cmd
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(File::create(&out)?)
+            .stderr(File::create(&err)?)
+            .spawn()
+            .context("spawn")?;
+        Ok(Proc {
+            pid: child.id(),
+            child: Mutex::new(child),
+            out,
+            err,
+        })
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends a signal, unless the process has exited (once it is reaped
+    /// its pid may belong to another process).
+    pub fn signal(&self, sig: Signal) {
+        let mut child = self.child();
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.pid as i32), sig);
+        }
+    }
+
+    /// Console output so far (stdout then stderr).
+    pub fn output(&self) -> String {
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.out).unwrap_or_default(),
+            std::fs::read_to_string(&self.err).unwrap_or_default()
+        )
+    }
+
+    /// The last `lines` lines of stdout and of stderr.
+    pub fn tail(&self, lines: usize) -> String {
+        format!(
+            "--- {} ---\n{}\n--- {} ---\n{}",
+            self.out.display(),
+            tail_file(&self.out, lines),
+            self.err.display(),
+            tail_file(&self.err, lines)
+        )
+    }
+
+    /// Waits up to `within` for the process to exit by itself.
+    pub fn wait_exit(&self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.exited() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The exit status, if it has exited.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.child().try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGCONT);
+        let mut child = self.child();
+        // No-ops once the process has been reaped.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -471,18 +471,20 @@ async fn wrong_password_is_refused_with_the_servers_reason() {
 async fn heart_beats_keep_an_idle_connection_alive() {
     let broker = TestBroker::with_config(fmq_broker::Config {
         authentication: false,
-        heart_beat: (100, 100),
+        heart_beat: (250, 250),
         ..Default::default()
     })
     .await;
     let c = broker
         .connect(ConnectOptions {
-            heart_beat: (100, 100),
+            heart_beat: (250, 250),
             ..options()
         })
         .await;
-    // Well past the broker's limit (2 × 100 ms + grace) and ours (2 × 100 ms).
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Well past the broker's limit (2 × 250 ms + grace) and ours
+    // (2 × 250 ms); 250 ms beats leave room for a stalled scheduler on a
+    // loaded machine without making the test meaningless.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     assert!(c.is_connected());
     c.send_with_receipt("/queue/hb", "still here", &[])
         .await

@@ -1126,7 +1126,12 @@ async fn follow_inner(
                         pending_seq.clear();
                         sync_dir_files(&dir)?;
                         drop(store);
-                        replica.install(&dir, keep_old)?;
+                        // Renames, fsyncs and a RocksDB open: off the
+                        // runtime, so heartbeats keep flowing meanwhile.
+                        let installer = replica.clone();
+                        tokio::task::spawn_blocking(move || installer.install(&dir, keep_old))
+                            .await
+                            .map_err(|e| format!("installing the checkpoint: {e}"))??;
                         store = replica.store();
                         if store.last_sequence() != sequence {
                             return Err(format!(

@@ -52,6 +52,16 @@ impl LocalReplica {
             .expect("the store is open except inside install()")
     }
 
+    /// The store, or `None` while a checkpoint is being installed (the main
+    /// loop must not wait for, nor hold up, the install).
+    fn try_store(&self) -> Option<Arc<dyn Store>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .map(|s| s as Arc<dyn Store>)
+    }
+
     fn parent(&self) -> PathBuf {
         self.db_path
             .parent()
@@ -266,14 +276,20 @@ pub async fn run(
 
     'run: loop {
         while let Some(event) = events.pop_front() {
-            if let Ok(p) = epoch::position(&*replica.store()) {
+            if let Some(Ok(p)) = replica.try_store().map(|s| epoch::position(&*s)) {
                 machine.set_position((p.epoch, p.sequence));
             }
             let before = machine.state();
             for action in machine.handle(event) {
                 match action {
                     Action::TryLock => events.push_back(match lock.try_acquire() {
-                        Ok(true) => match take_over(&mut lock, &server_name, &*replica.store()) {
+                        Ok(true) => match replica
+                            .try_store()
+                            .ok_or_else(|| "the store is being replaced by a checkpoint".to_owned())
+                            .and_then(|store| take_over(&mut lock, &server_name, &*store))
+                            .inspect_err(|_| {
+                                let _ = lock.release();
+                            }) {
                             Ok(epoch) => {
                                 tracing::info!(
                                     "Successfully acquired lock on :: {}",
@@ -366,7 +382,7 @@ pub async fn run(
                         }
                     }
                     Action::Broadcast { current, previous } => {
-                        let p = epoch::position(&*replica.store()).ok();
+                        let p = replica.try_store().and_then(|s| epoch::position(&*s).ok());
                         channel.broadcast_state_at(
                             current,
                             previous,
@@ -672,7 +688,10 @@ fn publish(
     catch_up: Option<(u64, f64)>,
 ) {
     let holder = lock.read_holder().ok().flatten();
-    let store = replica.store();
+    let Some(store) = replica.try_store() else {
+        // A checkpoint is being installed; the next refresh shows it.
+        return;
+    };
     let position = epoch::position(&*store).ok();
     let replication = serving.map(|s| {
         let lag = s.feed.lag();
