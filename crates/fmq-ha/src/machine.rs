@@ -362,10 +362,7 @@ impl Machine {
         }
         self.previous = self.state;
         self.state = next;
-        out.push(Action::Log(format!(
-            "{} Server switched to {next}",
-            self.role.title()
-        )));
+        out.push(Action::Log(crate::state::switched_line(self.role, next)));
         out.push(Action::Broadcast {
             current: next,
             previous: self.previous,
@@ -374,13 +371,11 @@ impl Machine {
 
     fn peer_changed(&mut self, current: State, out: &mut Vec<Action>) {
         if current != self.peer {
-            out.push(Action::Log(format!(
-                "Old status of remote server = {}",
-                self.peer
-            )));
-            out.push(Action::Log(format!(
-                "New status of remote server = {current}"
-            )));
+            out.extend(
+                crate::state::peer_change_lines(self.peer, current)
+                    .into_iter()
+                    .map(Action::Log),
+            );
             self.peer = current;
         }
     }

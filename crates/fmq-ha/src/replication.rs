@@ -41,6 +41,8 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tracing::{debug, info, warn};
 
+use crate::lock::now_ms;
+
 /// Bytes of recent batches the feed keeps in memory for the live stream.
 const RING_BYTES: usize = 32 * 1024 * 1024;
 /// Size of the checkpoint file chunks sent to a passive.
@@ -428,14 +430,13 @@ impl Feed {
         let acked = self.acks().acked;
         let ring = lock(&self.ring);
         let last = ring.next - 1;
-        let mut bytes = 0u64;
-        let mut oldest: Option<Instant> = None;
-        for (seq, b, at) in &ring.entries {
-            if *seq > acked {
-                bytes += b.len() as u64;
-                oldest.get_or_insert(*at);
-            }
-        }
+        // Entries are in sequence order: only the unconfirmed tail is
+        // walked, which is short while the passive keeps up (this runs
+        // under the lock every commit takes).
+        let tail = ring.entries.partition_point(|(seq, _, _)| *seq <= acked);
+        let unconfirmed = ring.entries.range(tail..);
+        let bytes = unconfirmed.clone().map(|(_, b, _)| b.len() as u64).sum();
+        let oldest = unconfirmed.map(|(_, _, at)| *at).next();
         Lag {
             batches: last.saturating_sub(acked),
             bytes,
@@ -751,49 +752,37 @@ async fn stream(
         let notified = feed.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let mut sent = 0usize;
-        let from_memory = feed.take(next, LOG_READ_BYTES);
-        if !from_memory.is_empty() {
-            for (sequence, bytes) in from_memory {
-                tx.feed(
-                    Frame::Batch {
-                        epoch,
-                        sequence,
-                        bytes,
-                    }
-                    .encode(),
-                )
-                .await
-                .map_err(|e| format!("replication connection: write failed: {e}"))?;
-                next = sequence + 1;
-                sent += 1;
-            }
-        } else if next <= source.store.last_sequence() {
-            let batches = source
+        // Recent batches come from memory, older ones from the store's log.
+        let mut pending = feed.take(next, LOG_READ_BYTES);
+        if pending.is_empty() && next <= source.store.last_sequence() {
+            pending = source
                 .store
                 .read_log(next, LOG_READ_BATCHES, LOG_READ_BYTES)
                 .map_err(|e| {
                     format!(
                         "batch {next} is no longer in the batch log ({e}); the passive must resync"
                     )
-                })?;
-            for LoggedBatch { sequence, bytes } in batches {
-                if sequence != next {
-                    return Err(format!("batch log gap: expected {next}, read {sequence}"));
-                }
-                tx.feed(
-                    Frame::Batch {
-                        epoch,
-                        sequence,
-                        bytes: Bytes::from(bytes),
-                    }
-                    .encode(),
-                )
-                .await
-                .map_err(|e| format!("replication connection: write failed: {e}"))?;
-                next = sequence + 1;
-                sent += 1;
+                })?
+                .into_iter()
+                .map(|b| (b.sequence, Bytes::from(b.bytes)))
+                .collect();
+        }
+        let sent = pending.len();
+        for (sequence, bytes) in pending {
+            if sequence != next {
+                return Err(format!("batch gap: expected {next}, read {sequence}"));
             }
+            tx.feed(
+                Frame::Batch {
+                    epoch,
+                    sequence,
+                    bytes,
+                }
+                .encode(),
+            )
+            .await
+            .map_err(|e| format!("replication connection: write failed: {e}"))?;
+            next = sequence + 1;
         }
         if sent > 0 {
             tx.flush()
@@ -817,11 +806,9 @@ async fn send_snapshot(
     tx: &mut (impl SinkExt<Bytes, Error = std::io::Error> + Unpin),
     source: &Source,
 ) -> Result<u64, String> {
-    let dir = source.scratch.join(format!(
-        "checkpoint-{}-{}",
-        std::process::id(),
-        fmq_now_ms()
-    ));
+    let dir = source
+        .scratch
+        .join(format!("checkpoint-{}-{}", std::process::id(), now_ms()));
     let started = Instant::now();
     let make = {
         let dir = dir.clone();
@@ -890,12 +877,6 @@ async fn send_snapshot(
         warn!(dir = %dir.display(), error = %e, "could not remove a sent checkpoint");
     }
     result
-}
-
-fn fmq_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 // ---------------------------------------------------------------------
@@ -1026,7 +1007,6 @@ async fn follow_inner(
     let mut expected = store.last_sequence() + 1;
     let mut max_epoch = position.epoch.max(epoch);
     let mut in_flight: FuturesOrdered<Commit> = FuturesOrdered::new();
-    let mut pending_seq: VecDeque<u64> = VecDeque::new();
     let mut insync_target: Option<u64> = None;
     let mut told_insync = false;
     let mut snapshot: Option<(PathBuf, u64)> = None;
@@ -1036,20 +1016,11 @@ async fn follow_inner(
         tokio::select! {
             biased;
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let want = pending_seq.pop_front().unwrap_or_default();
-                match done {
-                    Ok(s) if s == want => applied = s,
-                    Ok(s) => return Err(format!("replicated batch {want} was stored as {s}")),
-                    Err(e) => return Err(format!("applying replicated batch {want}: {e}")),
-                }
+                // Commits complete in order, so this is batch applied + 1.
+                applied = stored_as_sent(done, applied + 1)?;
                 // Coalesce: ack once for everything already done.
                 while let Some(Some(done)) = futures::FutureExt::now_or_never(in_flight.next()) {
-                    let want = pending_seq.pop_front().unwrap_or_default();
-                    match done {
-                        Ok(s) if s == want => applied = s,
-                        Ok(s) => return Err(format!("replicated batch {want} was stored as {s}")),
-                        Err(e) => return Err(format!("applying replicated batch {want}: {e}")),
-                    }
+                    applied = stored_as_sent(done, applied + 1)?;
                 }
                 send(&mut tx, &Frame::Ack { sequence: applied }).await?;
                 if !told_insync && insync_target.is_some_and(|t| applied >= t) {
@@ -1081,7 +1052,6 @@ async fn follow_inner(
                         // made durable by the next synced one, as there.
                         let batch = Batch::decode(&bytes).map_err(|e| format!("batch {sequence}: {e}"))?;
                         in_flight.push_back(store.commit(batch));
-                        pending_seq.push_back(sequence);
                         expected += 1;
                     }
                     Frame::InSync { sequence } => {
@@ -1123,7 +1093,6 @@ async fn follow_inner(
                         while let Some(done) = in_flight.next().await {
                             done.map_err(|e| format!("applying a replicated batch: {e}"))?;
                         }
-                        pending_seq.clear();
                         sync_dir_files(&dir)?;
                         drop(store);
                         // Renames, fsyncs and a RocksDB open: off the
@@ -1151,6 +1120,16 @@ async fn follow_inner(
             }
         }
         debug!(applied, "replication progress");
+    }
+}
+
+/// The result of applying replicated batch `want`: its sequence, which the
+/// local store must have given it too.
+fn stored_as_sent(done: fmq_store::Result<u64>, want: u64) -> Result<u64, String> {
+    match done {
+        Ok(s) if s == want => Ok(s),
+        Ok(s) => Err(format!("replicated batch {want} was stored as {s}")),
+        Err(e) => Err(format!("applying replicated batch {want}: {e}")),
     }
 }
 
@@ -1186,7 +1165,7 @@ pub fn save_divergent(
         position.epoch,
         common + 1,
         position.sequence,
-        fmq_now_ms()
+        now_ms()
     ));
     let mut out = std::io::BufWriter::new(
         std::fs::File::create(&path).map_err(|e| format!("creating {}: {e}", path.display()))?,
@@ -1198,7 +1177,7 @@ pub fn save_divergent(
         "first_in_file": first,
         "epoch": position.epoch,
         "history": history.iter().map(|e| serde_json::json!({"epoch": e.epoch, "start": e.start, "owner": e.owner})).collect::<Vec<_>>(),
-        "saved_ms": fmq_now_ms(),
+        "saved_ms": now_ms(),
     });
     let io = |e: std::io::Error| format!("writing {}: {e}", path.display());
     out.write_all(DIVERGED_MAGIC).map_err(io)?;

@@ -53,6 +53,21 @@ impl fmt::Display for State {
     }
 }
 
+/// The seed's console line for a server that changes state:
+/// `Primary Server switched to ACTIVE`.
+pub fn switched_line(role: Role, next: State) -> String {
+    format!("{} Server switched to {next}", role.title())
+}
+
+/// The seed's two console lines for a change of the peer's state:
+/// `Old status of remote server = DEAD`, `New status of remote server = WAITING`.
+pub fn peer_change_lines(old: State, new: State) -> [String; 2] {
+    [
+        format!("Old status of remote server = {old}"),
+        format!("New status of remote server = {new}"),
+    ]
+}
+
 /// Which half of the pair a server is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -50,24 +50,14 @@ pub async fn run(
     ha.validate()?;
     let lock_path = ha.lock_file.clone().unwrap_or_default();
     let mut lock = LockFile::open(&lock_path)?;
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    let server_name = format!("{}@{}:{}", ha.role.title(), host, std::process::id());
-
-    let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
-    let (status_tx, status_rx) = watch::channel(json!({}));
-    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
-    let ctx = AdminCtx {
-        broker: broker_rx.clone(),
-        ha: Some(status_rx),
-        info: info.clone(),
-        shutdown: shutdown_tx.clone(),
-    };
-    tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
-    stop_on_signals(shutdown_tx.clone());
-    let (state_tx, state_rx) = watch::channel(State::Passive);
-    let acceptor = tokio::spawn(accept_loop(client, broker_rx, state_rx));
+    let server_name = server_name(&ha);
+    let Front {
+        broker: broker_tx,
+        status: status_tx,
+        shutdown: mut shutdown_rx,
+        state: state_tx,
+        acceptor,
+    } = Front::open(client, admin_listener, &info, State::Passive);
 
     tracing::info!(
         "FerroMQ HA server '{}' ({} of cluster '{}', shared mode): STOMP on {}, HA port {}:{}, lock file {}, gateway {}:{}",
@@ -104,41 +94,21 @@ pub async fn run(
             let before = machine.state();
             for action in machine.handle(event) {
                 match action {
-                    Action::TryLock => events.push_back(match lock.try_acquire() {
-                        Ok(true) => match lock.take_over(&server_name) {
-                            Ok(epoch) => {
-                                tracing::info!(
-                                    "Successfully acquired lock on :: {}",
-                                    lock_path.display()
-                                );
-                                Event::LockAcquired { epoch }
-                            }
-                            Err(e) => Event::LockLost {
-                                reason: e.to_string(),
-                            },
-                        },
-                        Ok(false) => Event::LockBusy,
-                        Err(e) => Event::LockLost {
-                            reason: e.to_string(),
-                        },
-                    }),
-                    Action::VerifyLock => {
-                        events.push_back(match lock.verify(&server_name, machine.epoch()) {
-                            Ok(true) => Event::LockVerified,
-                            Ok(false) => Event::LockLost {
-                                reason: "the lock file no longer names this server and epoch"
-                                    .into(),
-                            },
-                            Err(e) => Event::LockLost {
-                                reason: e.to_string(),
-                            },
+                    Action::TryLock => {
+                        events.push_back(match try_lock(&mut lock, &server_name, 0) {
+                            LockOutcome::Acquired(epoch) => Event::LockAcquired { epoch },
+                            LockOutcome::Busy => Event::LockBusy,
+                            LockOutcome::Lost(reason) => Event::LockLost { reason },
+                            LockOutcome::Verified => Event::LockVerified,
                         })
                     }
-                    Action::ReleaseLock => {
-                        if let Err(e) = lock.release() {
-                            tracing::warn!(error = %e, "releasing the lock failed");
-                        }
-                    }
+                    Action::VerifyLock => events.push_back(
+                        match verify_lock(&mut lock, &server_name, machine.epoch()) {
+                            LockOutcome::Lost(reason) => Event::LockLost { reason },
+                            _ => Event::LockVerified,
+                        },
+                    ),
+                    Action::ReleaseLock => release_lock(&mut lock),
                     Action::OpenStore => {
                         events.push_back(match start_broker(profile, &db_path).await {
                             Ok((broker, store)) => {
@@ -237,6 +207,109 @@ pub async fn run(
         None => {
             tracing::info!("FerroMQ server stopped");
             Ok(())
+        }
+    }
+}
+
+/// What one lock attempt or verification found; each runtime maps it to
+/// its state machine's event.
+pub(crate) enum LockOutcome {
+    /// The lock is ours, with this new epoch.
+    Acquired(u64),
+    /// Someone else holds it.
+    Busy,
+    /// Verified: still ours, with our epoch.
+    Verified,
+    /// Lost, or could not be taken: why.
+    Lost(String),
+}
+
+/// This server's name in the lock file and the HA handshake:
+/// `Primary@HOST:PID`.
+pub(crate) fn server_name(ha: &HaConfig) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{}@{}:{}", ha.role.title(), host, std::process::id())
+}
+
+/// Tries the lock once and, if it is ours, writes us as holder with an
+/// epoch greater than the file's and than `at_least_after`.
+pub(crate) fn try_lock(lock: &mut LockFile, server: &str, at_least_after: u64) -> LockOutcome {
+    match lock.try_acquire() {
+        Ok(true) => match lock.take_over_after(server, at_least_after) {
+            Ok(epoch) => {
+                tracing::info!("Successfully acquired lock on :: {}", lock.path().display());
+                LockOutcome::Acquired(epoch)
+            }
+            Err(e) => LockOutcome::Lost(e.to_string()),
+        },
+        Ok(false) => LockOutcome::Busy,
+        Err(e) => LockOutcome::Lost(e.to_string()),
+    }
+}
+
+/// Re-verifies that the lock is still ours with `epoch`.
+pub(crate) fn verify_lock(lock: &mut LockFile, server: &str, epoch: u64) -> LockOutcome {
+    match lock.verify(server, epoch) {
+        Ok(true) => LockOutcome::Verified,
+        Ok(false) => {
+            LockOutcome::Lost("the lock file no longer names this server and epoch".into())
+        }
+        Err(e) => LockOutcome::Lost(e.to_string()),
+    }
+}
+
+/// Gives the lock up, logging a failure.
+pub(crate) fn release_lock(lock: &mut LockFile) {
+    if let Err(e) = lock.release() {
+        tracing::warn!(error = %e, "releasing the lock failed");
+    }
+}
+
+/// The client and admin ports of an HA server, served whatever its state:
+/// the admin port answers from the status watch, the client port hands
+/// connections to the broker while the state accepts clients and refuses
+/// them with an ERROR otherwise.
+pub(crate) struct Front {
+    /// The broker while this server serves.
+    pub broker: watch::Sender<Option<Arc<Broker>>>,
+    /// The `ha` object of `fmq status`.
+    pub status: watch::Sender<serde_json::Value>,
+    /// Set by SIGTERM, SIGINT or `fmq shutdown`.
+    pub shutdown: watch::Receiver<bool>,
+    /// The state the client port answers with.
+    pub state: watch::Sender<State>,
+    /// The client port's accept loop.
+    pub acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    pub(crate) fn open(
+        client: TcpListener,
+        admin_listener: TcpListener,
+        info: &ServerInfo,
+        initial: State,
+    ) -> Front {
+        let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
+        let (status_tx, status_rx) = watch::channel(json!({}));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let ctx = AdminCtx {
+            broker: broker_rx.clone(),
+            ha: Some(status_rx),
+            info: info.clone(),
+            shutdown: shutdown_tx.clone(),
+        };
+        tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
+        stop_on_signals(shutdown_tx);
+        let (state_tx, state_rx) = watch::channel(initial);
+        let acceptor = tokio::spawn(accept_loop(client, broker_rx, state_rx));
+        Front {
+            broker: broker_tx,
+            status: status_tx,
+            shutdown: shutdown_rx,
+            state: state_tx,
+            acceptor,
         }
     }
 }

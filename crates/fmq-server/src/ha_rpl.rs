@@ -16,7 +16,7 @@ use anyhow::{anyhow, Result};
 use fmq_broker::Broker;
 use fmq_ha::config::Replication;
 use fmq_ha::gateway::{self, GatewayMonitor, MonitorConfig};
-use fmq_ha::heartbeat::{self, Channel, ChannelHandle, LinkEvent};
+use fmq_ha::heartbeat::{self, Channel, LinkEvent};
 use fmq_ha::lock::LockFile;
 use fmq_ha::replicated::{Action, Event, Machine, Timer, Timings};
 use fmq_ha::replication::{self, Feed, Replica, ReplicatedStore, SinkEvent, Source, SourceEvent};
@@ -28,17 +28,18 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, AdminCtx, ServerInfo};
-use crate::ha::{accept_loop, sleep_until};
+use crate::admin::ServerInfo;
+use crate::ha::{
+    release_lock, server_name, sleep_until, try_lock, verify_lock, Front, LockOutcome,
+};
 use crate::profile::Profile;
-use crate::run::{open_store, start_broker_on, stop_on_signals};
+use crate::run::{open_store, start_broker_on};
 
 /// This server's own store, which a checkpoint from the active may replace.
 #[derive(Debug)]
 struct LocalReplica {
     slot: Mutex<Option<Arc<RocksStore>>>,
     db_path: PathBuf,
-    profile_sync: bool,
     retention: u64,
     profile: Profile,
 }
@@ -159,7 +160,6 @@ impl Replica for LocalReplica {
         } else if let Err(e) = std::fs::remove_dir_all(&aside) {
             tracing::warn!(dir = %aside.display(), error = %e, "could not remove the replaced store");
         }
-        let _ = self.profile_sync;
         Ok(())
     }
 
@@ -201,35 +201,25 @@ pub async fn run(
     ha.validate()?;
     let lock_path = ha.lock_file.clone().unwrap_or_default();
     let mut lock = LockFile::open(&lock_path)?;
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    let server_name = format!("{}@{}:{}", ha.role.title(), host, std::process::id());
+    let server_name = server_name(&ha);
     let sync_mode = ha.replication == Replication::Sync;
 
     let retention = ha.replication_log_batches.max(1);
     let replica = Arc::new(LocalReplica {
         slot: Mutex::new(Some(open_store(profile, &db_path, retention)?)),
         db_path: db_path.clone(),
-        profile_sync: profile.file.store.sync,
         retention,
         profile: profile.clone(),
     });
     clean_staging(&replica);
 
-    let (broker_tx, broker_rx) = watch::channel::<Option<Arc<Broker>>>(None);
-    let (status_tx, status_rx) = watch::channel(json!({}));
-    let (shutdown_tx, mut shutdown_rx) = watch::channel(false);
-    let ctx = AdminCtx {
-        broker: broker_rx.clone(),
-        ha: Some(status_rx),
-        info: info.clone(),
-        shutdown: shutdown_tx.clone(),
-    };
-    tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
-    stop_on_signals(shutdown_tx.clone());
-    let (state_tx, state_rx) = watch::channel(State::Waiting);
-    let acceptor = tokio::spawn(accept_loop(client, broker_rx, state_rx));
+    let Front {
+        broker: broker_tx,
+        status: status_tx,
+        shutdown: mut shutdown_rx,
+        state: state_tx,
+        acceptor,
+    } = Front::open(client, admin_listener, &info, State::Waiting);
 
     let position = epoch::position(&*replica.store())?;
     tracing::info!(
@@ -276,51 +266,40 @@ pub async fn run(
 
     'run: loop {
         while let Some(event) = events.pop_front() {
-            if let Some(Ok(p)) = replica.try_store().map(|s| epoch::position(&*s)) {
-                machine.set_position((p.epoch, p.sequence));
+            // Read once per event: the machine compares it, broadcasts carry it.
+            let here = replica
+                .try_store()
+                .and_then(|s| epoch::position(&*s).ok())
+                .map(|p| (p.epoch, p.sequence));
+            if let Some(p) = here {
+                machine.set_position(p);
             }
             let before = machine.state();
             for action in machine.handle(event) {
                 match action {
-                    Action::TryLock => events.push_back(match lock.try_acquire() {
-                        Ok(true) => match replica
-                            .try_store()
-                            .ok_or_else(|| "the store is being replaced by a checkpoint".to_owned())
-                            .and_then(|store| take_over(&mut lock, &server_name, &*store))
-                            .inspect_err(|_| {
-                                let _ = lock.release();
-                            }) {
-                            Ok(epoch) => {
-                                tracing::info!(
-                                    "Successfully acquired lock on :: {}",
-                                    lock_path.display()
-                                );
-                                Event::LockAcquired { epoch }
-                            }
-                            Err(e) => Event::LockLost { reason: e },
-                        },
-                        Ok(false) => Event::LockBusy,
-                        Err(e) => Event::LockLost {
-                            reason: e.to_string(),
-                        },
-                    }),
-                    Action::VerifyLock => {
-                        events.push_back(match lock.verify(&server_name, machine.epoch()) {
-                            Ok(true) => Event::LockVerified,
-                            Ok(false) => Event::LockLost {
-                                reason: "the lock file no longer names this server and epoch"
-                                    .into(),
+                    Action::TryLock => {
+                        // The lock's new epoch must exceed our own history's.
+                        events.push_back(match replica.try_store().map(|s| epoch::position(&*s)) {
+                            Some(Ok(ours)) => match try_lock(&mut lock, &server_name, ours.epoch) {
+                                LockOutcome::Acquired(epoch) => Event::LockAcquired { epoch },
+                                LockOutcome::Busy => Event::LockBusy,
+                                LockOutcome::Lost(reason) => Event::LockLost { reason },
+                                LockOutcome::Verified => Event::LockVerified,
                             },
-                            Err(e) => Event::LockLost {
-                                reason: e.to_string(),
+                            // A checkpoint is being installed: try later.
+                            None => Event::LockBusy,
+                            Some(Err(e)) => Event::LockLost {
+                                reason: format!("cannot read this server's epoch: {e}"),
                             },
                         })
                     }
-                    Action::ReleaseLock => {
-                        if let Err(e) = lock.release() {
-                            tracing::warn!(error = %e, "releasing the lock failed");
-                        }
-                    }
+                    Action::VerifyLock => events.push_back(
+                        match verify_lock(&mut lock, &server_name, machine.epoch()) {
+                            LockOutcome::Lost(reason) => Event::LockLost { reason },
+                            _ => Event::LockVerified,
+                        },
+                    ),
+                    Action::ReleaseLock => release_lock(&mut lock),
                     Action::ProbeGateway => {
                         let tx = note_tx.clone();
                         let (host, port) =
@@ -382,12 +361,7 @@ pub async fn run(
                         }
                     }
                     Action::Broadcast { current, previous } => {
-                        let p = replica.try_store().and_then(|s| epoch::position(&*s).ok());
-                        channel.broadcast_state_at(
-                            current,
-                            previous,
-                            p.map(|p| (p.epoch, p.sequence)),
-                        );
+                        channel.broadcast_state_at(current, previous, here);
                     }
                     Action::Schedule { timer, after_ms } => {
                         timers.insert(
@@ -525,7 +499,7 @@ pub async fn run(
     let _ = lock.release();
     channel.broadcast_state(State::Dead, machine.state());
     tokio::time::sleep(Duration::from_millis(50)).await;
-    shutdown_channel(channel).await;
+    channel.shutdown().await;
     gateway.stop().await;
     drop(replica);
     match fatal {
@@ -537,24 +511,12 @@ pub async fn run(
     }
 }
 
-async fn shutdown_channel(channel: ChannelHandle) {
-    channel.shutdown().await;
-}
-
 fn rand_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(fmq_broker::message::now_ms());
     h.write_u32(std::process::id());
     h.finish()
-}
-
-/// Takes over the lock with an epoch newer than both the lock file's and
-/// our store's, so a reset or different lock file never reuses an epoch.
-fn take_over(lock: &mut LockFile, server: &str, store: &dyn Store) -> Result<u64, String> {
-    let ours = epoch::position(store).map_err(|e| e.to_string())?.epoch;
-    lock.take_over_after(server, ours)
-        .map_err(|e| e.to_string())
 }
 
 /// Opens a new epoch in our store and starts the broker on it.
