@@ -37,7 +37,7 @@ use fmq_store::{Batch, Cf, Commit, LoggedBatch, Store};
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tracing::{debug, info, warn};
 
@@ -368,7 +368,40 @@ pub struct Feed {
     ring: Mutex<Ring>,
     notify: Notify,
     acks: watch::Sender<Acks>,
+    /// Commits waiting for the passive, in sequence order. Released from
+    /// the front as acks arrive, so an ack wakes only the commits it
+    /// confirms (not every waiting commit, as a watch subscription would).
+    waiters: Mutex<VecDeque<(u64, oneshot::Sender<bool>)>>,
     epoch: u64,
+}
+
+/// Whether the passive confirmed a batch, as [`Feed::confirmation`] gives it.
+enum Confirmation {
+    Now(bool),
+    Later(oneshot::Receiver<bool>),
+}
+
+impl Confirmation {
+    async fn wait(self) -> bool {
+        match self {
+            Confirmation::Now(confirmed) => confirmed,
+            // A dropped sender means the feed is gone: not confirmed.
+            Confirmation::Later(rx) => rx.await.unwrap_or(false),
+        }
+    }
+}
+
+/// `Some(confirmed)` once the fate of batch `sequence` is known under `a`.
+fn settled(a: &Acks, sequence: u64) -> Option<bool> {
+    if a.acked >= sequence {
+        Some(true)
+    } else if a.fenced {
+        Some(false)
+    } else if !a.required {
+        Some(true)
+    } else {
+        None
+    }
 }
 
 impl Feed {
@@ -384,6 +417,7 @@ impl Feed {
                 acked: last_sequence,
                 ..Acks::default()
             }),
+            waiters: Mutex::new(VecDeque::new()),
             epoch,
         })
     }
@@ -401,16 +435,18 @@ impl Feed {
     /// Makes commits wait for the passive (or stop waiting).
     pub fn set_required(&self, required: bool) {
         self.acks.send_modify(|a| a.required = required);
+        self.release();
     }
 
     /// Fails every commit the passive has not confirmed, now and later.
     pub fn fence(&self) {
         self.acks.send_modify(|a| a.fenced = true);
+        self.release();
         self.notify.notify_waiters();
     }
 
     fn ack(&self, sequence: u64) {
-        self.acks.send_if_modified(|a| {
+        let advanced = self.acks.send_if_modified(|a| {
             if sequence > a.acked {
                 a.acked = sequence;
                 true
@@ -418,6 +454,37 @@ impl Feed {
                 false
             }
         });
+        if advanced {
+            self.release();
+        }
+    }
+
+    /// How batch `sequence` learns that the passive confirmed it. Called in
+    /// commit order (under the ring lock), so the waiters stay sorted.
+    fn confirmation(&self, sequence: u64) -> Confirmation {
+        let mut waiters = lock(&self.waiters);
+        // Read under the waiters lock: `release` changes the acks before
+        // taking it, so a change is either seen here or releases this one.
+        if let Some(confirmed) = settled(&self.acks.borrow(), sequence) {
+            return Confirmation::Now(confirmed);
+        }
+        let (tx, rx) = oneshot::channel();
+        waiters.push_back((sequence, tx));
+        Confirmation::Later(rx)
+    }
+
+    /// Resolves the waiting commits whose fate the acks now settle.
+    fn release(&self) {
+        let mut waiters = lock(&self.waiters);
+        let acks = *self.acks.borrow();
+        while let Some((sequence, _)) = waiters.front() {
+            let Some(confirmed) = settled(&acks, *sequence) else {
+                break;
+            };
+            if let Some((_, tx)) = waiters.pop_front() {
+                let _ = tx.send(confirmed);
+            }
+        }
     }
 
     /// Sequence of the last batch committed.
@@ -507,42 +574,35 @@ impl ReplicatedStore {
 impl Store for ReplicatedStore {
     fn commit(&self, batch: Batch) -> Commit {
         let bytes = Bytes::from(batch.encode());
-        let (sequence, local) = {
+        let (sequence, local, confirmation) = {
             let mut ring = lock(&self.feed.ring);
             let sequence = ring.next;
             ring.next += 1;
             self.feed.push(sequence, bytes, &mut ring);
             // Under the lock: the inner store numbers batches in call
-            // order, so it gives this one `sequence` too.
-            (sequence, self.inner.commit(batch))
+            // order, so it gives this one `sequence` too, and the waiters
+            // queue stays in sequence order.
+            let local = self.inner.commit(batch);
+            (sequence, local, self.feed.confirmation(sequence))
         };
         self.feed.notify.notify_waiters();
-        let mut acks = self.feed.acks.subscribe();
-        let (done, commit) = Commit::pending();
-        tokio::spawn(async move {
-            let result = match local.await {
-                Ok(s) if s != sequence => Err(fmq_store::Error::Corrupt(format!(
-                    "replicated store: batch numbered {sequence} was stored as {s}"
-                ))),
-                Ok(_) => {
-                    let confirmed = acks
-                        .wait_for(|a| a.fenced || !a.required || a.acked >= sequence)
-                        .await
-                        .map(|a| a.acked >= sequence || !a.fenced)
-                        .unwrap_or(false);
-                    if confirmed {
-                        Ok(sequence)
-                    } else {
-                        Err(fmq_store::Error::Io(format!(
-                            "batch {sequence} was not confirmed by the passive server before this server stopped serving"
-                        )))
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            done.send(result);
-        });
-        commit
+        // No task per commit: the batch is already on its way to the local
+        // store and the passive; this only joins the two outcomes.
+        Commit::from_future(async move {
+            let stored = local.await?;
+            if stored != sequence {
+                return Err(fmq_store::Error::Corrupt(format!(
+                    "replicated store: batch numbered {sequence} was stored as {stored}"
+                )));
+            }
+            if confirmation.wait().await {
+                Ok(sequence)
+            } else {
+                Err(fmq_store::Error::Io(format!(
+                    "batch {sequence} was not confirmed by the passive server before this server stopped serving"
+                )))
+            }
+        })
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> fmq_store::Result<Option<Vec<u8>>> {
@@ -1246,6 +1306,45 @@ pub fn read_divergent(path: &Path) -> Result<(serde_json::Value, Vec<(u64, Batch
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn now_or_never(c: Confirmation) -> Option<bool> {
+        futures::FutureExt::now_or_never(c.wait())
+    }
+
+    #[test]
+    fn acks_release_waiting_commits_in_order_and_a_fence_fails_the_rest() {
+        let feed = Feed::new(0, 1);
+        // Not required (async, or no passive): settled at once.
+        assert_eq!(now_or_never(feed.confirmation(1)), Some(true));
+        feed.set_required(true);
+        let waiting: Vec<_> = (2..=5).map(|s| feed.confirmation(s)).collect();
+        let mut waiting = waiting.into_iter();
+        feed.ack(3);
+        assert_eq!(now_or_never(waiting.next().expect("2")), Some(true));
+        assert_eq!(now_or_never(waiting.next().expect("3")), Some(true));
+        let four = waiting.next().expect("4");
+        // An old or repeated ack changes nothing.
+        feed.ack(2);
+        feed.ack(3);
+        let mut four = Box::pin(four.wait());
+        assert_eq!(futures::FutureExt::now_or_never(&mut four), None);
+        // Already acked when asked: confirmed without waiting.
+        assert_eq!(now_or_never(feed.confirmation(3)), Some(true));
+        feed.fence();
+        assert_eq!(futures::FutureExt::now_or_never(&mut four), Some(false));
+        assert_eq!(now_or_never(waiting.next().expect("5")), Some(false));
+        assert_eq!(now_or_never(feed.confirmation(6)), Some(false));
+        assert!(lock(&feed.waiters).is_empty());
+    }
+
+    #[test]
+    fn dropping_the_requirement_confirms_the_waiting_commits() {
+        let feed = Feed::new(10, 1);
+        feed.set_required(true);
+        let c = feed.confirmation(11);
+        feed.set_required(false);
+        assert_eq!(now_or_never(c), Some(true));
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,9 +43,50 @@ struct LocalReplica {
     db_path: PathBuf,
     retention: u64,
     profile: Profile,
+    /// Whether the batch log is paused (see [`LocalReplica::pause_log`]).
+    log_paused: AtomicBool,
 }
 
 impl LocalReplica {
+    /// Pauses the store's batch log while this server is a passive, and
+    /// resumes it before it serves: a passive's batches are the active's,
+    /// which logs them itself, so logging them again only doubles what the
+    /// passive writes per batch. Kept across a checkpoint install.
+    fn pause_log(&self, paused: bool) {
+        self.log_paused.store(paused, Ordering::Release);
+        if let Some(store) = self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            store.pause_log(paused);
+        }
+    }
+
+    /// The store, waiting (up to `within`) for a checkpoint install that a
+    /// stopped catch-up left running on a blocking thread to finish.
+    async fn rocks_when_open(&self, within: Duration) -> Result<Arc<RocksStore>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(store) = self
+                .slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+            {
+                return Ok(store);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(anyhow!(
+                    "the store is still being replaced by a checkpoint after {} s",
+                    within.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn rocks(&self) -> Arc<RocksStore> {
         self.slot
             .lock()
@@ -144,6 +186,7 @@ impl Replica for LocalReplica {
             open_store(&self.profile, &self.db_path, self.retention).map_err(|e| format!("{e:#}"));
         match reopened {
             Ok(store) => {
+                store.pause_log(self.log_paused.load(Ordering::Acquire));
                 *self
                     .slot
                     .lock()
@@ -210,6 +253,7 @@ pub async fn run(
         db_path: db_path.clone(),
         retention,
         profile: profile.clone(),
+        log_paused: AtomicBool::new(false),
     });
     clean_staging(&replica);
 
@@ -342,6 +386,7 @@ pub async fn run(
                             t.abort();
                         }
                         catch_up = None;
+                        replica.pause_log(true);
                         sink_task = Some(spawn_sink(
                             ha.clone(),
                             server_name.clone(),
@@ -526,7 +571,8 @@ async fn start_serving(
     epoch_no: u64,
     owner: &str,
 ) -> Result<Serving> {
-    let rocks = replica.rocks();
+    let rocks = replica.rocks_when_open(Duration::from_secs(60)).await?;
+    replica.pause_log(false);
     let inner: Arc<dyn Store> = rocks.clone();
     let mut mark = Batch::new();
     let start = inner.last_sequence() + 1;

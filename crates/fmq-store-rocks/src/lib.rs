@@ -41,7 +41,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::thread::JoinHandle;
 
@@ -101,6 +101,8 @@ struct Shared {
     /// so it may briefly lag behind the log's real start: readers must
     /// check what they find.
     first_logged: AtomicU64,
+    /// [`RocksStore::pause_log`].
+    log_paused: AtomicBool,
     /// Set once, by the first failed synced write or WAL sync.
     poisoned: OnceLock<String>,
     stats: Counters,
@@ -209,6 +211,7 @@ impl RocksStore {
             path: dir.to_path_buf(),
             last_sequence: AtomicU64::new(0),
             first_logged: AtomicU64::new(1),
+            log_paused: AtomicBool::new(false),
             poisoned: OnceLock::new(),
             stats: Counters::default(),
             _lock: lock,
@@ -284,6 +287,17 @@ impl RocksStore {
         requests.send(request).map_err(|_| Error::Closed)?;
         // A dropped sender means the writer thread died before answering.
         result.recv().unwrap_or(Err(Error::Closed))
+    }
+
+    /// Stops (or resumes) keeping the batch log. While paused, batches are
+    /// not logged and the next write empties the log; after resuming, the
+    /// log starts afresh at the next batch. A replicated-HA passive pauses
+    /// it: its batches are the active's, which keeps them itself, and not
+    /// logging them halves what the passive writes per batch. A paused log
+    /// only costs a later peer a checkpoint instead of an incremental
+    /// catch-up for batches from before this server became active.
+    pub fn pause_log(&self, paused: bool) {
+        self.shared.log_paused.store(paused, Ordering::Release);
     }
 
     /// Counters since open.

@@ -155,14 +155,14 @@ impl Writer {
     /// (and the tombstone compaction must clear) comes once per many groups.
     /// Without retention the log is emptied, so it never holds a stale range
     /// with a gap after it.
-    fn first_logged_after(&self, last: u64) -> u64 {
-        if self.log_retention == 0 {
+    fn first_logged_after(&self, last: u64, retention: u64) -> u64 {
+        if retention == 0 {
             return last + 1;
         }
         let logged = last - self.first_logged + 1;
-        let slack = (self.log_retention / 8).max(64);
-        if logged > self.log_retention.saturating_add(slack) {
-            last - self.log_retention + 1
+        let slack = (retention / 8).max(64);
+        if logged > retention.saturating_add(slack) {
+            last - retention + 1
         } else {
             self.first_logged
         }
@@ -180,8 +180,21 @@ impl Writer {
         let want_sync = group.iter().any(|r| r.batch.sync());
         let sync = want_sync && self.sync_enabled;
 
-        let first_logged = self.first_logged_after(last_sequence);
-        let batch = match self.build(&group, first_sequence, last_sequence, first_logged) {
+        // A paused log keeps nothing (and empties itself), as with no
+        // retention at all.
+        let retention = if self.shared.log_paused.load(Ordering::Acquire) {
+            0
+        } else {
+            self.log_retention
+        };
+        let first_logged = self.first_logged_after(last_sequence, retention);
+        let batch = match self.build(
+            &group,
+            first_sequence,
+            last_sequence,
+            first_logged,
+            retention,
+        ) {
             Ok(batch) => batch,
             Err(err) => {
                 fail_all(group, &err);
@@ -265,6 +278,7 @@ impl Writer {
         first_sequence: u64,
         last_sequence: u64,
         first_logged: u64,
+        retention: u64,
     ) -> Result<WriteBatch, Error> {
         let mut batch = WriteBatch::default();
         for request in group {
@@ -289,7 +303,7 @@ impl Writer {
                 encode_sequence(pruned_end),
             );
         }
-        if self.log_retention > 0 {
+        if retention > 0 {
             let log = self.shared.handle(Cf::Log)?;
             for (sequence, request) in (first_sequence..).zip(group) {
                 if sequence >= first_logged {

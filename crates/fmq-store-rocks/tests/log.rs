@@ -441,3 +441,35 @@ fn checkpoint_is_exact_under_concurrent_commits() {
         assert_eq!(data(&copy), data(&replayed), "checkpoint at {sequence}");
     }
 }
+
+#[test]
+fn a_paused_log_keeps_nothing_and_restarts_at_the_next_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), 100);
+    commit_one_by_one(&store, 1..=5);
+    assert_eq!(store.first_logged(), 1);
+
+    store.pause_log(true);
+    commit_one_by_one(&store, 6..=8);
+    // The first paused write empties the log; nothing of 6..=8 is kept.
+    assert_eq!(store.first_logged(), 9);
+    assert!(log_keys(&store).is_empty(), "{:?}", log_keys(&store));
+    assert!(store
+        .read_log(6, 10, 1 << 20)
+        .unwrap_or_default()
+        .is_empty());
+
+    store.pause_log(false);
+    commit_queued(&store, 9..=12);
+    assert_eq!(store.first_logged(), 9);
+    assert_eq!(log_keys(&store), vec![9, 10, 11, 12]);
+    let read = store.read_log(9, 10, 1 << 20).expect("read log");
+    assert_eq!(sequences(&read), vec![9, 10, 11, 12]);
+    assert_eq!(Batch::decode(&read[0].bytes).expect("decode"), numbered(9));
+
+    // Reopened, the log still starts where logging resumed.
+    drop(store);
+    let store = open(dir.path(), 100);
+    assert_eq!(store.first_logged(), 9);
+    assert_eq!(store.last_sequence(), 12);
+}

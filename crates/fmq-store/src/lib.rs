@@ -108,10 +108,20 @@ pub struct LoggedBatch {
 #[derive(Debug)]
 pub struct Commit(CommitInner);
 
-#[derive(Debug)]
 enum CommitInner {
     Ready(Option<Result<u64>>),
     Pending(tokio::sync::oneshot::Receiver<Result<u64>>),
+    Future(Pin<Box<dyn Future<Output = Result<u64>> + Send>>),
+}
+
+impl std::fmt::Debug for CommitInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitInner::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            CommitInner::Pending(rx) => f.debug_tuple("Pending").field(rx).finish(),
+            CommitInner::Future(_) => f.write_str("Future"),
+        }
+    }
 }
 
 impl Commit {
@@ -125,6 +135,13 @@ impl Commit {
         let (tx, rx) = tokio::sync::oneshot::channel();
         (CommitSender(tx), Commit(CommitInner::Pending(rx)))
     }
+
+    /// A commit completed by `future`, which runs only while the commit is
+    /// polled: for stores that wrap another store's commit (the batch is
+    /// already on its way whether or not anyone waits for the result).
+    pub fn from_future(future: impl Future<Output = Result<u64>> + Send + 'static) -> Self {
+        Commit(CommitInner::Future(Box::pin(future)))
+    }
 }
 
 impl Future for Commit {
@@ -136,6 +153,7 @@ impl Future for Commit {
             CommitInner::Pending(rx) => Pin::new(rx)
                 .poll(cx)
                 .map(|r| r.unwrap_or(Err(Error::Closed))),
+            CommitInner::Future(future) => future.as_mut().poll(cx),
         }
     }
 }
