@@ -1089,6 +1089,12 @@ async fn link_loop(
     let mut deadline = Instant::now() + dead_after;
     loop {
         let outgoing = tokio::select! {
+            // Biased, reads first: after this process was descheduled for a
+            // while, the peer's pings may be waiting in the socket while the
+            // deadline has passed too. They must count; an unbiased select
+            // would pick the deadline half the time and call a live peer
+            // dead.
+            biased;
             frame = wire.next() => {
                 let frame = match frame {
                     None => return "connection closed by the peer".into(),
