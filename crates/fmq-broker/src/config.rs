@@ -29,6 +29,12 @@ pub struct Config {
     pub authentication: bool,
     /// Most frames of one transaction.
     pub max_transaction_frames: usize,
+    /// A producer id not used for this long is forgotten by duplicate
+    /// detection: a resend from it after that is accepted again.
+    pub dedupe_retention: Duration,
+    /// Most producer ids duplicate detection tracks; when full, the one idle
+    /// the longest is forgotten to make room.
+    pub dedupe_max_producers: usize,
 }
 
 impl Default for Config {
@@ -45,6 +51,8 @@ impl Default for Config {
             expiry_sweep: Duration::from_secs(5),
             authentication: true,
             max_transaction_frames: 100_000,
+            dedupe_retention: Duration::from_secs(7 * 24 * 3600),
+            dedupe_max_producers: 100_000,
         }
     }
 }

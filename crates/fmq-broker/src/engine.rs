@@ -18,6 +18,7 @@ use fmq_store::{Batch, Cf, Commit, Store};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::dedupe::{Marks, ProducerSeq, Verdict, DUPLICATES_HEADER, DUPLICATE_HEADER};
 use crate::destination::Destination;
 use crate::error::{Error, Result};
 use crate::message::{now_ms, Entry, Message, SelectorView};
@@ -62,8 +63,22 @@ pub type OutboundTx = mpsc::UnboundedSender<Outbound>;
 /// one wake-up goes into one store batch.
 pub type Durable = futures::future::Shared<Commit>;
 
+/// The successful answer to a command that may need a durable store write.
+#[derive(Debug)]
+pub struct Done {
+    /// Resolves once the store write is applied (and synced if asked); the
+    /// RECEIPT waits for it.
+    pub durable: Durable,
+    /// Headers the RECEIPT carries besides `receipt-id` (`fmq-duplicate` for
+    /// a SEND dropped as a duplicate, `fmq-duplicates` for a COMMIT).
+    pub receipt_headers: ReceiptHeaders,
+}
+
+/// Extra RECEIPT headers.
+pub type ReceiptHeaders = Vec<(&'static str, String)>;
+
 /// The reply to commands that may need a durable store write.
-pub type CommitReply = oneshot::Sender<Result<Durable, String>>;
+pub type CommitReply = oneshot::Sender<Result<Done, String>>;
 
 /// What a SUBSCRIBE asks for.
 #[derive(Debug)]
@@ -124,6 +139,9 @@ pub enum Cmd {
         session: SessionId,
         /// The message (id assigned here).
         message: Message,
+        /// Producer id and sequence, when the SEND asks for duplicate
+        /// detection.
+        producer: Option<ProducerSeq>,
         /// Make it durable before replying; `None` for fire-and-forget.
         reply: Option<CommitReply>,
         /// Whether the reply waits for a sync.
@@ -161,11 +179,13 @@ pub enum Cmd {
         reply: CommitReply,
     },
     /// COMMIT of a transaction's sends and acks, applied as one batch.
+    /// Sends that carry a producer id and sequence are checked for
+    /// duplicates here, in order, and their marks written in the same batch.
     Commit {
         /// Session.
         session: SessionId,
-        /// Sends in order.
-        sends: Vec<Message>,
+        /// Sends in order, each with its producer id and sequence if any.
+        sends: Vec<(Message, Option<ProducerSeq>)>,
         /// Acks in order.
         acks: Vec<AckReq>,
         /// Outcome once durable.
@@ -190,7 +210,7 @@ pub enum Cmd {
         /// Subscription id.
         id: Arc<str>,
     },
-    /// Periodic housekeeping (expiry).
+    /// Periodic housekeeping (expiry, forgetting idle producers).
     Tick,
     /// Commit whatever is collected, synced; used at shutdown.
     Flush {
@@ -233,6 +253,14 @@ pub struct Stats {
     pub expired: u64,
     /// Store sequence number.
     pub store_sequence: u64,
+    /// SENDs dropped as duplicates since start (see [`crate::dedupe`]).
+    pub duplicates: u64,
+    /// Producer ids whose dedupe mark is tracked.
+    pub producers: usize,
+    /// Producer marks forgotten since start after the retention.
+    pub producers_pruned: u64,
+    /// Producer marks forgotten since start to stay within the bound.
+    pub producers_evicted: u64,
 }
 
 #[derive(Debug)]
@@ -272,12 +300,14 @@ pub struct Engine {
     client_ids: HashMap<Arc<str>, SessionId>,
     /// Stored entries referencing each persistent message.
     refs: HashMap<u64, u32>,
+    /// Per-producer high-water marks for duplicate detection.
+    marks: Marks,
     batch: Batch,
     next_id: u64,
     dead: Vec<(Arc<Message>, String)>,
     stats: Stats,
     /// Replies waiting for the batch of the current wake-up.
-    waiters: Vec<(CommitReply, Result<(), String>)>,
+    waiters: Vec<(CommitReply, Result<ReceiptHeaders, String>)>,
     /// Whether a waiter of the current wake-up asked for a sync.
     sync_wanted: bool,
 }
@@ -335,6 +365,7 @@ impl Engine {
         drop(store.commit(batch));
         store.sync()?;
 
+        let marks = Marks::new(config.dedupe_retention, config.dedupe_max_producers);
         let mut engine = Engine {
             store: store.clone(),
             config,
@@ -343,6 +374,7 @@ impl Engine {
             sessions: HashMap::new(),
             client_ids: HashMap::new(),
             refs: HashMap::new(),
+            marks,
             batch: Batch::new(),
             next_id: block << 32,
             dead: Vec::new(),
@@ -430,6 +462,25 @@ impl Engine {
                 orphans.delete(Cf::Messages, id.to_be_bytes().to_vec());
             }
         }
+        // Producer marks, minus those idle past the retention or beyond the
+        // bound (a smaller bound than the store was written with).
+        let mut marks = Vec::new();
+        store.scan_prefix(Cf::Dedupe, b"", &mut |k, v| {
+            marks.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })?;
+        for (k, v) in marks {
+            let producer = fmq_store::dedupe::producer(&k)?;
+            let mark = fmq_store::dedupe::decode(&v)?;
+            engine.marks.load(producer, mark);
+        }
+        let forgotten = engine.marks.prune(now_ms(), &mut orphans);
+        if forgotten > 0 {
+            tracing::info!(
+                producers = forgotten,
+                "forgot dedupe marks of idle producers"
+            );
+        }
         if !orphans.is_empty() {
             drop(store.commit(orphans));
         }
@@ -437,6 +488,7 @@ impl Engine {
         tracing::info!(
             queues = engine.queues.len(),
             messages = total,
+            producers = engine.marks.len(),
             sequence = store.last_sequence(),
             "recovered broker state from the store"
         );
@@ -463,6 +515,16 @@ impl Engine {
 
     /// Queues a reply for the end of this wake-up.
     fn reply(&mut self, reply: CommitReply, result: Result<(), String>, sync: bool) {
+        self.reply_with(reply, result.map(|()| Vec::new()), sync);
+    }
+
+    /// Queues a reply whose RECEIPT carries extra headers.
+    fn reply_with(
+        &mut self,
+        reply: CommitReply,
+        result: Result<ReceiptHeaders, String>,
+        sync: bool,
+    ) {
         self.sync_wanted |= sync && result.is_ok();
         self.waiters.push((reply, result));
     }
@@ -484,7 +546,10 @@ impl Engine {
         }
         let durable = futures::FutureExt::shared(commit);
         for (reply, result) in self.waiters.drain(..) {
-            let _ = reply.send(result.map(|()| durable.clone()));
+            let _ = reply.send(result.map(|receipt_headers| Done {
+                durable: durable.clone(),
+                receipt_headers,
+            }));
         }
     }
 
@@ -524,9 +589,20 @@ impl Engine {
             Cmd::Send {
                 session: _,
                 message,
+                producer,
                 reply,
                 sync,
             } => {
+                if self.check_duplicate(&message, producer.as_ref(), now_ms()) {
+                    // The RECEIPT of a duplicate waits for a synced write:
+                    // the mark it was checked against may come from a batch
+                    // that is applied but not yet durable, and a sync makes
+                    // every earlier batch durable too.
+                    if let Some(reply) = reply {
+                        self.reply_with(reply, Ok(vec![(DUPLICATE_HEADER, "true".into())]), true);
+                    }
+                    return;
+                }
                 self.accept(message);
                 if let Some(reply) = reply {
                     self.reply(reply, Ok(()), sync);
@@ -572,11 +648,22 @@ impl Engine {
                     for ack in acks {
                         self.apply_ack(session, ack);
                     }
-                    for message in sends {
-                        self.accept(message);
+                    let now = now_ms();
+                    let mut duplicates = 0u64;
+                    for (message, producer) in sends {
+                        if self.check_duplicate(&message, producer.as_ref(), now) {
+                            duplicates += 1;
+                        } else {
+                            self.accept(message);
+                        }
+                    }
+                    if duplicates == 0 {
+                        Vec::new()
+                    } else {
+                        vec![(DUPLICATES_HEADER, duplicates.to_string())]
                     }
                 });
-                self.reply(reply, result, true);
+                self.reply_with(reply, result, true);
             }
             Cmd::Written { session, items } => {
                 for (sub, id) in items {
@@ -600,7 +687,16 @@ impl Engine {
                 }
             }
             Cmd::Flush { reply } => self.reply(reply, Ok(()), true),
-            Cmd::Tick => self.expire(),
+            Cmd::Tick => {
+                self.expire();
+                let forgotten = self.marks.prune(now_ms(), &mut self.batch);
+                if forgotten > 0 {
+                    tracing::info!(
+                        producers = forgotten,
+                        "forgot dedupe marks of producers idle longer than the retention"
+                    );
+                }
+            }
         }
     }
 
@@ -618,10 +714,15 @@ impl Engine {
             })
             .collect();
         queues.sort_by(|a, b| a.name.cmp(&b.name));
+        let dedupe = self.marks.counters();
         Stats {
             sessions: self.sessions.len(),
             queues,
             store_sequence: self.store.last_sequence(),
+            duplicates: dedupe.duplicates,
+            producers: self.marks.len(),
+            producers_pruned: dedupe.pruned,
+            producers_evicted: dedupe.evicted,
             ..self.stats.clone()
         }
     }
@@ -646,6 +747,35 @@ impl Engine {
         q.selector = selector;
         self.queues.insert(key.clone(), q);
         self.topics.entry(topic).or_default().push(key);
+    }
+
+    /// Checks a send against its producer's mark. Returns true for a
+    /// duplicate, which must be dropped; a fresh persistent send has put its
+    /// producer's new mark into the batch that will also store the message.
+    fn check_duplicate(
+        &mut self,
+        message: &Message,
+        producer: Option<&ProducerSeq>,
+        now: u64,
+    ) -> bool {
+        let Some(producer) = producer else {
+            return false;
+        };
+        match self
+            .marks
+            .check(producer, message.persistent, now, &mut self.batch)
+        {
+            Verdict::Fresh => false,
+            Verdict::Duplicate => {
+                tracing::debug!(
+                    producer = %producer.producer,
+                    sequence = producer.sequence,
+                    destination = %message.destination,
+                    "dropping a duplicate send"
+                );
+                true
+            }
+        }
     }
 
     /// Accepts a message: stores it with its entries and dispatches it.

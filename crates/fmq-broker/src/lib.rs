@@ -1,7 +1,9 @@
 //! The FerroMQ broker: STOMP 1.2 sessions over TCP, queues with competing
 //! consumers, topics with durable subscriptions, acknowledgement modes,
 //! transactions, redelivery with a dead-letter queue, expiry, priorities,
-//! selectors, and users with ACLs, all kept in a [`fmq_store::Store`].
+//! selectors, users with ACLs, and once-only sends (duplicate detection by
+//! producer id and sequence, see [`dedupe`]), all kept in a
+//! [`fmq_store::Store`].
 //!
 //! Start it with [`Broker::start`] and serve a listener with
 //! [`Broker::serve`]; the `fmq` binary and the tests share this entry point.
@@ -9,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod dedupe;
 pub mod destination;
 pub mod engine;
 pub mod error;

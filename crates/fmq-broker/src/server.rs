@@ -155,8 +155,8 @@ impl Broker {
             .await
             .is_ok()
         {
-            if let Ok(Ok(durable)) = rx.await {
-                durable.await?;
+            if let Ok(Ok(done)) = rx.await {
+                done.durable.await?;
             }
         }
         self.store.sync()?;

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::dedupe::{self, ProducerSeq, PRODUCER_ID_HEADER, SEQUENCE_HEADER};
 use crate::destination::Destination;
 use crate::engine::{
     AckMode, AckReq, Cmd, CommitReply, Outbound, OutboundTx, SessionId, SubscribeReq,
@@ -78,7 +79,7 @@ fn error_frame(f: &Fatal) -> Frame {
 /// What the receipt task waits for before answering.
 enum Wait {
     Now,
-    Engine(oneshot::Receiver<Result<crate::engine::Durable, String>>),
+    Engine(oneshot::Receiver<Result<crate::engine::Done, String>>),
 }
 
 struct Pending {
@@ -91,7 +92,8 @@ struct Pending {
 
 #[derive(Default)]
 struct Transaction {
-    sends: Vec<Message>,
+    /// Checked for duplicates at COMMIT, not before.
+    sends: Vec<(Message, Option<ProducerSeq>)>,
     acks: Vec<AckReq>,
 }
 
@@ -479,6 +481,8 @@ impl State {
     async fn send(&mut self, frame: Frame) -> Result<Flow, Fatal> {
         let destination = self.destination(&frame, Permission::Write)?;
         let message = build_message(destination, &frame)?;
+        let producer = dedupe::parse(frame.get(PRODUCER_ID_HEADER), frame.get(SEQUENCE_HEADER))
+            .map_err(|e| Fatal::new(e, &frame))?;
         let receipt = frame.get("receipt").map(str::to_owned);
         if let Some(tx) = frame.get("transaction") {
             let limit = self.shared.config.max_transaction_frames;
@@ -492,7 +496,7 @@ impl State {
                     &frame,
                 ));
             }
-            t.sends.push(message);
+            t.sends.push((message, producer));
             self.push(Wait::Now, receipt, false);
             return Ok(Flow::Continue);
         }
@@ -508,6 +512,7 @@ impl State {
             Cmd::Send {
                 session: self.id,
                 message,
+                producer,
                 reply,
                 sync,
             },
@@ -796,22 +801,25 @@ async fn receipt_loop(
 ) {
     while let Some(p) = rx.recv().await {
         let result = match p.wait {
-            Wait::Now => Ok(()),
+            Wait::Now => Ok(Vec::new()),
             Wait::Engine(reply) => match reply.await {
-                Ok(Ok(commit)) => commit
+                Ok(Ok(done)) => done
+                    .durable
                     .await
-                    .map(|_| ())
+                    .map(|_| done.receipt_headers)
                     .map_err(|e| format!("the server could not store the change: {e}")),
                 Ok(Err(message)) => Err(message),
                 Err(_) => Err("server is shutting down".to_owned()),
             },
         };
         match result {
-            Ok(()) => {
+            Ok(headers) => {
                 if let Some(r) = p.receipt {
-                    let _ = out.send(Outbound::Frame(
-                        Frame::new(Command::Receipt).header("receipt-id", r),
-                    ));
+                    let mut frame = Frame::new(Command::Receipt).header("receipt-id", r);
+                    for (k, v) in headers {
+                        frame = frame.header(k, v);
+                    }
+                    let _ = out.send(Outbound::Frame(frame));
                 }
                 if let Some(cmd) = p.then {
                     let _ = engine.send(cmd).await;

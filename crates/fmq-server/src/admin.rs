@@ -207,6 +207,8 @@ async fn status(broker: Option<&Broker>, ctx: &AdminCtx) -> Result<Value> {
             "messages_out": stats.messages_out,
             "dead_lettered": stats.dead_lettered,
             "expired": stats.expired,
+            "duplicates": stats.duplicates,
+            "producers": stats.producers,
             "queues": stats.queues.iter().map(|q| json!({
                 "name": q.name, "pending": q.pending, "inflight": q.inflight,
                 "consumers": q.consumers, "enqueued": q.enqueued, "dequeued": q.dequeued,
@@ -287,9 +289,9 @@ pub fn format_status(v: &Value) -> String {
     );
     if v.get("store_sequence").is_some() {
         out.push_str(&format!(
-            "Store:        {} (sequence {})\nSessions:     {}\nMessages:     in {}, out {}, dead-lettered {}, expired {}\n",
+            "Store:        {} (sequence {})\nSessions:     {}\nMessages:     in {}, out {}, dead-lettered {}, expired {}, duplicates dropped {}\nProducers:    {} with a dedupe mark\n",
             s("db_path"), s("store_sequence"), s("sessions"), s("messages_in"), s("messages_out"),
-            s("dead_lettered"), s("expired"),
+            s("dead_lettered"), s("expired"), s("duplicates"), s("producers"),
         ));
     } else if v.pointer("/ha/mode").and_then(Value::as_str) == Some("replicated") {
         out.push_str(&format!(

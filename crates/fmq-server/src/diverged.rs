@@ -191,6 +191,8 @@ pub struct Replay<'a> {
     pub user: &'a str,
     pub password: &'a str,
     pub include_removed: bool,
+    /// Strip the producer id and sequence, so dedupe does not drop them.
+    pub ignore_dedupe: bool,
     pub dry_run: bool,
 }
 
@@ -231,6 +233,7 @@ pub async fn replay(opts: Replay<'_>) -> Result<()> {
         ),
     }
     let file = opts.path.display().to_string();
+    let mut duplicates = 0usize;
     for f in &chosen {
         let m = &f.message;
         let mut frame = Frame::new(Command::Send)
@@ -243,6 +246,11 @@ pub async fn replay(opts: Replay<'_>) -> Result<()> {
             frame = frame.header("expires", m.expires.to_string());
         }
         for (k, v) in m.headers.iter() {
+            if opts.ignore_dedupe && (k == "fmq-producer-id" || k == "fmq-sequence") {
+                // Kept for the record, under names dedupe does not read.
+                frame = frame.header(format!("fmq-replayed-{}", &k[4..]), v);
+                continue;
+            }
             frame = frame.header(k, v);
         }
         frame = frame
@@ -251,6 +259,13 @@ pub async fn replay(opts: Replay<'_>) -> Result<()> {
         wire.send(Item::Frame(frame)).await?;
         let answer = next_frame(&mut wire).await?;
         match answer.command {
+            Command::Receipt if answer.get("fmq-duplicate") == Some("true") => {
+                duplicates += 1;
+                println!(
+                    "message {} to {}: dropped as a duplicate (its producer already sent it; --ignore-dedupe re-sends it anyway)",
+                    m.id, m.destination
+                );
+            }
             Command::Receipt => {}
             _ => bail!(
                 "message {} to {} was refused: {}",
@@ -263,7 +278,10 @@ pub async fn replay(opts: Replay<'_>) -> Result<()> {
     let _ = wire
         .send(Item::Frame(Frame::new(Command::Disconnect)))
         .await;
-    println!("{} messages re-sent to {addr}", chosen.len());
+    println!(
+        "{} messages re-sent to {addr}, {duplicates} of them dropped as duplicates",
+        chosen.len()
+    );
     Ok(())
 }
 

@@ -179,6 +179,12 @@ enum DivergedCmd {
         /// Also re-send messages the divergent history consumed.
         #[arg(long)]
         include_consumed: bool,
+        /// Re-send without the messages' producer id and sequence
+        /// (`fmq-producer-id`, `fmq-sequence`), so the broker's dedupe does
+        /// not drop them: for messages whose producer never resent them
+        /// (a RECEIPT was given under `replication = "async"`).
+        #[arg(long)]
+        ignore_dedupe: bool,
         /// Only list what would be sent.
         #[arg(long)]
         dry_run: bool,
@@ -306,6 +312,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 user,
                 password,
                 include_consumed,
+                ignore_dedupe,
                 dry_run,
             } => {
                 diverged::replay(diverged::Replay {
@@ -315,6 +322,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     user: &user,
                     password: &password,
                     include_removed: include_consumed,
+                    ignore_dedupe,
                     dry_run,
                 })
                 .await

@@ -153,6 +153,10 @@ pub struct BrokerSection {
     pub max_header_length: usize,
     /// Most frames in one transaction.
     pub max_transaction_frames: usize,
+    /// A producer id unused this long loses its dedupe mark, ms.
+    pub dedupe_retention_ms: u64,
+    /// Most producer ids with a dedupe mark.
+    pub dedupe_max_producers: usize,
 }
 
 impl Default for BrokerSection {
@@ -167,6 +171,8 @@ impl Default for BrokerSection {
             max_headers: c.limits.max_headers,
             max_header_length: c.limits.max_header_length,
             max_transaction_frames: c.max_transaction_frames,
+            dedupe_retention_ms: c.dedupe_retention.as_millis() as u64,
+            dedupe_max_producers: c.dedupe_max_producers,
         }
     }
 }
@@ -298,6 +304,8 @@ impl Profile {
             expiry_sweep: Duration::from_millis(f.broker.expiry_sweep_ms),
             authentication: f.security.authentication,
             max_transaction_frames: f.broker.max_transaction_frames,
+            dedupe_retention: Duration::from_millis(f.broker.dedupe_retention_ms),
+            dedupe_max_producers: f.broker.dedupe_max_producers,
             ..fmq_broker::Config::default()
         };
         c.limits.max_frame_size = f.broker.max_frame_size;
@@ -366,6 +374,18 @@ pub fn parse(text: &str) -> Result<ProfileFile> {
     if b.expiry_sweep_ms < 10 {
         return Err(key("broker.expiry_sweep_ms", "must be at least 10".into()));
     }
+    if b.dedupe_retention_ms < 1000 {
+        return Err(key(
+            "broker.dedupe_retention_ms",
+            "must be at least 1000".into(),
+        ));
+    }
+    if b.dedupe_max_producers == 0 {
+        return Err(key(
+            "broker.dedupe_max_producers",
+            "must be at least 1".into(),
+        ));
+    }
     if b.max_frame_size < 1024 {
         return Err(key("broker.max_frame_size", "must be at least 1024".into()));
     }
@@ -422,6 +442,14 @@ mod tests {
             ("[log]\nlevel = \"loud\"\n", "log.level"),
             ("[broker]\ndead_letter_queue = \"\"\n", "dead_letter_queue"),
             ("[store]\nsync = 3\n", "sync"),
+            (
+                "[broker]\ndedupe_retention_ms = 10\n",
+                "broker.dedupe_retention_ms",
+            ),
+            (
+                "[broker]\ndedupe_max_producers = 0\n",
+                "broker.dedupe_max_producers",
+            ),
         ] {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(needle), "{text:?} -> {err}");

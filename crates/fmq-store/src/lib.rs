@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod dedupe;
 pub mod epoch;
 pub mod error;
 pub mod memory;
