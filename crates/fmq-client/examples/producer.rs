@@ -1,51 +1,48 @@
-//! Sends `--count` persistent messages to a destination and waits for the
-//! broker to confirm each batch.
+//! Sends `--count` persistent messages to a destination through a durable
+//! connection, each one receipted by the broker (or buffered while no
+//! server is reachable, and delivered later).
 //!
 //! ```text
 //! cargo run --release -p fmq-client --example producer -- \
-//!     --addr 127.0.0.1:1856 --login admin --passcode passwd \
+//!     --addr 127.0.0.1:1856,127.0.0.1:1956 --login admin --passcode passwd \
 //!     --destination /queue/demo --count 100
 //! ```
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use fmq_client::{Client, ConnectOptions};
+use fmq_client::durable::{SendOptions, SendOutcome, SessionMode};
 
 mod common;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = common::parse_args("producer")?;
-    let client = Client::connect(
-        args.addr.as_str(),
-        ConnectOptions {
-            login: args.login,
-            passcode: args.passcode,
-            ..Default::default()
-        },
-    )
-    .await?;
+    let args = common::parse_args(
+        "producer",
+        "Sends persistent messages through a durable connection.",
+        common::Args::defaults(),
+    );
+    let connection = args.builder().connect().await?;
+    let session = connection.session(SessionMode::Auto);
+    let producer = session.producer(&args.name, &args.destination).await?;
     let started = Instant::now();
+    let mut buffered = 0;
     for i in 0..args.count {
-        let body = format!("message {i}");
-        let seq = i.to_string();
-        let headers = [("persistent", "true"), ("seq", seq.as_str())];
-        // Confirm every 100th message (and the last) so a broker problem is
-        // reported promptly without a round trip per message.
-        if (i + 1) % 100 == 0 || i + 1 == args.count {
-            client
-                .send_with_receipt(&args.destination, body, &headers)
-                .await?;
-        } else {
-            client.send(&args.destination, body, &headers).await?;
+        let options = SendOptions::new().header("seq", i.to_string());
+        if producer.send_with(format!("message {i}"), options).await? == SendOutcome::Buffered {
+            buffered += 1;
+        }
+        if !args.interval.is_zero() {
+            tokio::time::sleep(args.interval).await;
         }
     }
+    // Whatever went to the local buffer is delivered before we leave.
+    connection.flush(Duration::from_secs(60)).await?;
     println!(
-        "sent {} messages to {} in {:?}",
+        "sent {} messages to {} in {:?} ({buffered} went through the local buffer)",
         args.count,
         args.destination,
         started.elapsed()
     );
-    client.disconnect().await?;
+    connection.close().await?;
     Ok(())
 }

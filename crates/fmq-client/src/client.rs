@@ -230,6 +230,18 @@ impl Client {
         destination: &str,
         options: SubscribeOptions,
     ) -> Result<Subscription> {
+        self.subscribe_checked(destination, options)
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// [`subscribe`](Self::subscribe), also telling on failure whether the
+    /// server refused this very SUBSCRIBE (its ERROR named our receipt).
+    pub(crate) async fn subscribe_checked(
+        &self,
+        destination: &str,
+        options: SubscribeOptions,
+    ) -> std::result::Result<Subscription, (Error, bool)> {
         let id = self.inner.shared.next_id("sub");
         let mut frame = Frame::new(Command::Subscribe)
             .header("id", id.clone())
@@ -249,8 +261,23 @@ impl Client {
         for (k, v) in &options.headers {
             frame.headers.push(k.clone(), v.clone());
         }
-        let rx = self.inner.shared.add_subscription(id.clone())?;
-        if let Err(e) = self.request(frame).await {
+        let rx = self
+            .inner
+            .shared
+            .add_subscription(id.clone())
+            .map_err(|e| (e, false))?;
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        let result = match self.start_request_until(frame, deadline).await {
+            Ok(pending) => {
+                let receipt = pending.receipt().to_owned();
+                pending
+                    .wait_until(deadline)
+                    .await
+                    .map_err(|e| (e, self.refused(&receipt)))
+            }
+            Err(e) => Err((e, false)),
+        };
+        if let Err(e) = result {
             self.inner.shared.remove_subscription(&id);
             return Err(e);
         }
@@ -319,26 +346,82 @@ impl Client {
     }
 
     /// Sends `frame` with a `receipt` header and waits for the RECEIPT.
-    pub(crate) async fn request(&self, mut frame: Frame) -> Result<()> {
+    pub(crate) async fn request(&self, frame: Frame) -> Result<()> {
+        self.request_within(frame, self.inner.timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends `frame` with a `receipt` header and waits up to `timeout` for
+    /// the RECEIPT, which is returned.
+    pub(crate) async fn request_within(&self, frame: Frame, timeout: Duration) -> Result<Frame> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.start_request_until(frame, deadline)
+            .await?
+            .wait_until(deadline)
+            .await
+    }
+
+    /// Queues `frame` with a fresh `receipt` header and returns the waiter
+    /// for its RECEIPT, without waiting for it. Frames queued one after the
+    /// other leave in that order, so a caller can pipeline requests and
+    /// wait for their receipts afterwards.
+    pub(crate) async fn start_request(&self, frame: Frame) -> Result<PendingReceipt> {
+        let deadline = tokio::time::Instant::now() + self.inner.timeout;
+        self.start_request_until(frame, deadline).await
+    }
+
+    /// [`start_request`](Self::start_request), waiting for room in the send
+    /// queue until `deadline` at most.
+    async fn start_request_until(
+        &self,
+        mut frame: Frame,
+        deadline: tokio::time::Instant,
+    ) -> Result<PendingReceipt> {
         let shared = &self.inner.shared;
         let receipt = shared.next_id("rcpt");
         let rx = shared.expect_receipt(receipt.clone())?;
         frame.headers.push("receipt", receipt.clone());
-        let wait = async {
-            self.write(frame).await?;
-            rx.await.unwrap_or_else(|_| Err(shared.terminal()))
-        };
-        match tokio::time::timeout(self.inner.timeout, wait).await {
+        let queued = match tokio::time::timeout_at(deadline, self.inner.tx.send(frame)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                shared.forget_receipt(&receipt);
-                Err(e)
-            }
-            Err(_) => {
-                shared.forget_receipt(&receipt);
-                Err(Error::Timeout("RECEIPT"))
-            }
+            Ok(Err(_)) => Err(shared.terminal()),
+            Err(_) => Err(Error::Timeout("room in the connection's send queue")),
+        };
+        if let Err(e) = queued {
+            shared.forget_receipt(&receipt);
+            return Err(e);
         }
+        Ok(PendingReceipt {
+            client: self.clone(),
+            receipt,
+            rx,
+        })
+    }
+
+    /// A connection-unique id with the given prefix.
+    pub(crate) fn next_id(&self, prefix: &str) -> String {
+        self.inner.shared.next_id(prefix)
+    }
+
+    /// Resolves when the connection has ended, whatever ended it.
+    pub(crate) async fn closed(&self) {
+        self.inner.shared.closed.cancelled().await
+    }
+
+    /// Why the connection ended ([`Error::Closed`] if it is still up).
+    pub(crate) fn terminal_error(&self) -> Error {
+        self.inner.shared.terminal()
+    }
+
+    /// Ends the connection at once with `error`, without a DISCONNECT.
+    pub(crate) fn abort(&self, error: Error) {
+        self.inner.shared.fail(error);
+    }
+
+    /// Whether the ERROR frame that ended the connection named `receipt`,
+    /// i.e. the server refused the frame sent with that receipt.
+    pub(crate) fn refused(&self, receipt: &str) -> bool {
+        self.inner.shared.error_receipt().as_deref() == Some(receipt)
     }
 
     /// ACK or NACK frame for a delivery, optionally in a transaction.
@@ -348,6 +431,36 @@ impl Client {
             frame.headers.push("transaction", tx);
         }
         frame
+    }
+}
+
+/// A request whose RECEIPT has not arrived yet (see
+/// [`Client::start_request`]).
+#[derive(Debug)]
+pub(crate) struct PendingReceipt {
+    client: Client,
+    receipt: String,
+    rx: tokio::sync::oneshot::Receiver<Result<Frame>>,
+}
+
+impl PendingReceipt {
+    /// The receipt id the frame was sent with.
+    pub(crate) fn receipt(&self) -> &str {
+        &self.receipt
+    }
+
+    /// Waits for the RECEIPT until `deadline`.
+    pub(crate) async fn wait_until(self, deadline: tokio::time::Instant) -> Result<Frame> {
+        let shared = &self.client.inner.shared;
+        match tokio::time::timeout_at(deadline, self.rx).await {
+            Ok(Ok(Ok(frame))) => Ok(frame),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(shared.terminal()),
+            Err(_) => {
+                shared.forget_receipt(&self.receipt);
+                Err(Error::Timeout("RECEIPT"))
+            }
+        }
     }
 }
 

@@ -35,8 +35,9 @@ const WRITE_BATCH: usize = 64;
 /// How long the writer may spend flushing and shutting down the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// A RECEIPT waiter.
-pub(crate) type ReceiptTx = oneshot::Sender<Result<()>>;
+/// A RECEIPT waiter; it is handed the RECEIPT frame (whose headers may say
+/// more, e.g. `fmq-duplicate:true`).
+pub(crate) type ReceiptTx = oneshot::Sender<Result<Frame>>;
 
 /// State shared by the handles and the two driver tasks.
 #[derive(Debug)]
@@ -56,6 +57,9 @@ struct State {
     subs: HashMap<String, mpsc::UnboundedSender<Frame>>,
     /// Why the connection ended; set once.
     terminal: Option<Error>,
+    /// The `receipt-id` of the ERROR frame that ended the connection, i.e.
+    /// the receipt of the frame the server refused.
+    error_receipt: Option<String>,
 }
 
 impl Shared {
@@ -98,7 +102,7 @@ impl Shared {
     }
 
     /// Registers a RECEIPT waiter, unless the connection has ended.
-    pub(crate) fn expect_receipt(&self, id: String) -> Result<oneshot::Receiver<Result<()>>> {
+    pub(crate) fn expect_receipt(&self, id: String) -> Result<oneshot::Receiver<Result<Frame>>> {
         let mut state = self.lock();
         if let Some(e) = &state.terminal {
             return Err(e.clone());
@@ -129,11 +133,26 @@ impl Shared {
         self.lock().subs.remove(id);
     }
 
+    /// The `receipt-id` of the ERROR frame that ended the connection, if
+    /// it named one: the frame the server refused carried that receipt.
+    pub(crate) fn error_receipt(&self) -> Option<String> {
+        self.lock().error_receipt.clone()
+    }
+
     /// Ends the connection with `error` (the first error recorded wins):
     /// every waiter fails, every subscription channel closes, both tasks stop.
     pub(crate) fn fail(&self, error: Error) {
+        self.fail_on(error, None);
+    }
+
+    /// Like [`fail`](Self::fail), also recording which receipt the
+    /// server's ERROR frame named.
+    fn fail_on(&self, error: Error, receipt: Option<String>) {
         let (pending, subs, error) = {
             let mut state = self.lock();
+            if state.terminal.is_none() {
+                state.error_receipt = receipt;
+            }
             let error = state.terminal.get_or_insert(error).clone();
             (
                 std::mem::take(&mut state.pending),
@@ -152,13 +171,16 @@ impl Shared {
         drop(subs);
     }
 
-    fn complete_receipt(&self, id: &str) {
-        let waiter = self.lock().pending.remove(id);
+    fn complete_receipt(&self, frame: Frame) {
+        let Some(id) = frame.get("receipt-id").map(str::to_owned) else {
+            return;
+        };
+        let waiter = self.lock().pending.remove(&id);
         match waiter {
             Some(w) => {
-                let _ = w.send(Ok(()));
+                let _ = w.send(Ok(frame));
             }
-            None => tracing::trace!(receipt = id, "RECEIPT nobody waits for"),
+            None => tracing::trace!(receipt = %id, "RECEIPT nobody waits for"),
         }
     }
 
@@ -202,6 +224,7 @@ pub(crate) async fn read_loop(
 ) {
     let limit = heart_beat.map(|d| d * 2);
     let mut last_read = Instant::now();
+    let mut error_receipt = None;
     let error = loop {
         let item = tokio::select! {
             _ = shared.closed.cancelled() => return,
@@ -230,14 +253,17 @@ pub(crate) async fn read_loop(
                 }
             }
             Command::Receipt => match frame.get("receipt-id") {
-                Some(id) => shared.complete_receipt(id),
+                Some(_) => shared.complete_receipt(frame),
                 None => break Error::Protocol("RECEIPT frame without a receipt-id".into()),
             },
-            Command::Error => break Error::from_error_frame(&frame),
+            Command::Error => {
+                error_receipt = frame.get("receipt-id").map(str::to_owned);
+                break Error::from_error_frame(&frame);
+            }
             other => break Error::Protocol(format!("unexpected {other} frame from the server")),
         }
     };
-    shared.fail(error);
+    shared.fail_on(error, error_receipt);
 }
 
 /// Writes what the handles send, plus heart-beats every `heart_beat` of

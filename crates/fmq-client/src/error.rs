@@ -44,6 +44,38 @@ pub enum Error {
     /// received on an `auto` subscription.
     #[error("invalid use: {0}")]
     Usage(String),
+    /// No server of a durable [`Connection`]'s list accepted a connection in
+    /// time. The text lists what each server answered.
+    ///
+    /// [`Connection`]: crate::durable::Connection
+    #[error("no server available: {0}")]
+    Unavailable(String),
+    /// The transaction did not commit, and nothing of it took effect: the
+    /// connection failed over (or dropped) while it was open, or the server
+    /// refused it. Messages it received are redelivered. The text says why.
+    #[error("transaction rolled back: {0}")]
+    TransactionRolledBack(String),
+    /// The connection dropped after COMMIT left and before its RECEIPT
+    /// came back, and the transaction could not be re-run safely: it may or
+    /// may not have committed. Only transactions that acknowledge messages
+    /// end this way; send-only ones are re-run with the same producer ids
+    /// and sequence numbers.
+    #[error("transaction outcome unknown: {0}")]
+    TransactionInDoubt(String),
+    /// The local send buffer is full: the send was neither delivered nor
+    /// buffered. Raise the limits on the builder or wait for a server.
+    #[error("local send buffer is full ({records} sends, {bytes} bytes pending)")]
+    BufferFull {
+        /// Sends waiting in the buffer.
+        records: usize,
+        /// Bytes they take.
+        bytes: u64,
+    },
+    /// The local send buffer could not be read or written. After such an
+    /// error the buffer can no longer be trusted to hold what was handed to
+    /// it; the connection refuses further buffered sends.
+    #[error("local send buffer: {0}")]
+    Buffer(String),
 }
 
 impl From<std::io::Error> for Error {
@@ -62,6 +94,15 @@ impl From<fmq_proto::Error> for Error {
 }
 
 impl Error {
+    /// Whether this error means the connection is gone (socket error,
+    /// silence, close, timeout) rather than something the server refused.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(
+            self,
+            Error::Io(_) | Error::Timeout(_) | Error::Closed | Error::Protocol(_)
+        )
+    }
+
     /// The error an ERROR frame stands for.
     pub(crate) fn from_error_frame(frame: &fmq_proto::Frame) -> Error {
         Error::Server {

@@ -1,7 +1,20 @@
 //! Asynchronous STOMP 1.2 client for the FerroMQ broker.
 //!
-//! This is the basic client used by FerroMQ's integration tests, examples
-//! and benchmarks. A connection is served by a driver task that owns the
+//! Two layers:
+//!
+//! * [`durable`]: the JMS-like API for applications: a [`Connection`] to a
+//!   list of servers (an HA pair) that reconnects and fails over by itself,
+//!   buffers persistent sends on disk while no server is reachable, resends
+//!   them once-only (producer id + sequence), and resubscribes consumers;
+//!   [`Session`]s with acknowledgement modes or transactions, [`Producer`]s,
+//!   [`Consumer`]s, and an [`Events`] stream.
+//! * [`Client`]: one STOMP connection to one server, the transport the
+//!   durable layer runs on, also used directly by FerroMQ's tests and
+//!   benchmarks.
+//!
+//! # The basic client
+//!
+//! A connection is served by a driver task that owns the
 //! socket; [`Client`] and the objects it hands out ([`Subscription`],
 //! [`Message`], [`Transaction`]) are handles that talk to it over channels,
 //! so they can be cloned and used from many tasks at once.
@@ -45,12 +58,17 @@
 
 mod client;
 mod connection;
+pub mod durable;
 mod error;
 mod subscription;
 mod transaction;
 
 pub use bytes::Bytes;
 pub use client::{Client, ConnectOptions};
+pub use durable::{
+    Backoff, Connection, ConnectionBuilder, Consumer, ConsumerOptions, Event, Events, Producer,
+    SendOptions, SendOutcome, Session, SessionMode,
+};
 pub use error::{Error, Result};
 pub use fmq_proto::Headers;
 pub use subscription::{AckMode, Message, SubscribeOptions, Subscription};

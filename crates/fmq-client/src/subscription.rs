@@ -246,6 +246,11 @@ impl Message {
         })
     }
 
+    /// The connection this message arrived on.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Whether `client` is the connection this message arrived on.
     pub(crate) fn same_connection(&self, client: &Client) -> bool {
         std::sync::Arc::ptr_eq(&self.client.inner, &client.inner)

@@ -10,6 +10,8 @@ use fmq_client::{Client, ConnectOptions};
 use fmq_store::MemoryStore;
 use tokio::net::TcpListener;
 
+pub mod fake;
+
 /// A running broker; shut down when dropped.
 pub struct TestBroker {
     pub addr: SocketAddr,
@@ -32,6 +34,25 @@ impl TestBroker {
     }
 
     pub async fn with_config(config: Config) -> TestBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on_listener(listener, config).await
+    }
+
+    /// A broker without authentication on `addr` (a port reserved earlier
+    /// with [`reserve_port`]).
+    pub async fn start_on(addr: SocketAddr) -> TestBroker {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        Self::on_listener(
+            listener,
+            Config {
+                authentication: false,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn on_listener(listener: TcpListener, config: Config) -> TestBroker {
         let auth = config.authentication;
         let broker = Broker::start(Arc::new(MemoryStore::new()), config).unwrap();
         if auth {
@@ -41,7 +62,6 @@ impl TestBroker {
                 .await
                 .unwrap();
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let broker = Arc::new(broker);
         let serving = broker.clone();
@@ -63,6 +83,13 @@ impl Drop for TestBroker {
     fn drop(&mut self) {
         let _ = self.broker.shutdown_handle().send(true);
     }
+}
+
+/// A loopback address nobody listens on (yet): connecting is refused until
+/// a server is started on it.
+pub fn reserve_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }
 
 /// Default options with the test credentials and a short timeout.

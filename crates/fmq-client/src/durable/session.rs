@@ -1,0 +1,452 @@
+//! [`Session`]: a JMS-style unit of work, with its acknowledgement mode or
+//! its transaction.
+
+use std::sync::Arc;
+
+use fmq_proto::{Command, Frame};
+use tokio::sync::Mutex;
+
+use super::connection::{is_transient, Connection, Inner, Link};
+use super::consumer::{Consumer, ConsumerOptions, ConsumerShared};
+use super::dedupe::ProducerKey;
+use super::producer::Producer;
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::subscription::{AckMode, Message as RawMessage};
+
+/// How a session's consumers acknowledge messages, or that the session is
+/// transacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionMode {
+    /// A message is acknowledged as it is delivered (STOMP `ack:auto`).
+    #[default]
+    Auto,
+    /// [`Message::ack`](super::Message::ack) acknowledges the message and
+    /// every earlier one of its consumer (`ack:client`).
+    Client,
+    /// [`Message::ack`](super::Message::ack) acknowledges exactly that
+    /// message (`ack:client-individual`).
+    ClientIndividual,
+    /// Sends and receipts take effect together at [`Session::commit`], or
+    /// not at all ([`Session::rollback`]). Persistent sends of a transacted
+    /// session are not buffered while disconnected: a transaction lives on
+    /// one connection.
+    Transacted,
+}
+
+impl SessionMode {
+    /// The SUBSCRIBE `ack` mode consumers of this session use.
+    pub(crate) fn wire_ack(self) -> AckMode {
+        match self {
+            SessionMode::Auto => AckMode::Auto,
+            SessionMode::Client => AckMode::Client,
+            SessionMode::ClientIndividual | SessionMode::Transacted => AckMode::ClientIndividual,
+        }
+    }
+}
+
+/// A session: makes producers and consumers and, when transacted, groups
+/// their work into transactions.
+///
+/// Sessions are cheap and need no round trip to make. A transacted session
+/// always has a transaction open: it begins with the first send or receive
+/// and ends with [`commit`](Self::commit) or [`rollback`](Self::rollback),
+/// after which the next one begins.
+#[derive(Debug)]
+pub struct Session {
+    pub(crate) shared: Arc<SessionShared>,
+}
+
+/// What a session's producers and consumers share with it.
+#[derive(Debug)]
+pub(crate) struct SessionShared {
+    pub conn: Connection,
+    pub mode: SessionMode,
+    /// The open transaction of a transacted session.
+    pub tx: Option<Mutex<TxState>>,
+}
+
+impl SessionShared {
+    pub fn inner(&self) -> &Inner {
+        &self.conn.inner
+    }
+}
+
+/// A received message awaiting the commit of its transaction.
+#[derive(Debug)]
+pub(crate) struct Received {
+    pub message: RawMessage,
+    /// Its identity in the consumer's dedupe window.
+    pub identity: String,
+    pub consumer: Arc<ConsumerShared>,
+    pub key: Option<ProducerKey>,
+}
+
+/// The open transaction of a transacted session.
+#[derive(Debug, Default)]
+pub(crate) struct TxState {
+    /// The connection generation the transaction lives on, set by its
+    /// first send or receive.
+    generation: Option<u64>,
+    /// The server of that connection.
+    server: Option<String>,
+    /// The STOMP transaction id and its connection, once BEGIN left.
+    begun: Option<(String, Client)>,
+    /// Its SEND frames, kept to re-run a send-only transaction whose
+    /// COMMIT receipt was lost.
+    sends: Vec<Frame>,
+    /// Whether every send carries a producer id and sequence (so a re-run
+    /// cannot duplicate on a broker that checks them).
+    untagged_sends: bool,
+    /// Messages received in it, acknowledged at commit.
+    received: Vec<Received>,
+    /// Set when the transaction can no longer commit: why.
+    broken: Option<String>,
+}
+
+impl TxState {
+    /// Records that the transaction can no longer commit.
+    fn break_with(&mut self, reason: String) -> Error {
+        if self.broken.is_none() {
+            self.broken = Some(reason);
+        }
+        self.rolled_back()
+    }
+
+    fn rolled_back(&self) -> Error {
+        Error::TransactionRolledBack(
+            self.broken
+                .clone()
+                .unwrap_or_else(|| "the transaction was rolled back".into()),
+        )
+    }
+
+    /// Checks the transaction is still on `link`'s connection, binding it
+    /// to it if it is not bound yet.
+    fn bind(&mut self, link: Option<&Link>) -> Result<()> {
+        if self.broken.is_some() {
+            return Err(self.rolled_back());
+        }
+        match (self.generation, link) {
+            (None, Some(l)) => {
+                self.generation = Some(l.generation);
+                self.server = Some(l.server.clone());
+                Ok(())
+            }
+            (Some(g), Some(l)) if g == l.generation && l.client.is_connected() => Ok(()),
+            (Some(_), _) => {
+                let server = self.server.clone().unwrap_or_default();
+                let now = link.map(|l| format!("; now connected to {}", l.server));
+                Err(self.break_with(format!(
+                    "the connection to {server} was lost while the transaction was open{}; \
+                     nothing of it was committed",
+                    now.unwrap_or_default()
+                )))
+            }
+            (None, None) => Err(Error::Unavailable("no connection to a server".into())),
+        }
+    }
+
+    /// Binds to the current connection (waiting for one if the transaction
+    /// is not bound yet) and sends BEGIN if it has not left yet. Returns
+    /// the transaction id and its connection.
+    async fn begin(&mut self, inner: &Inner) -> Result<(String, Client)> {
+        let link = match self.generation {
+            Some(_) => inner.link(),
+            None => Some(inner.wait_link(inner.config.request_timeout).await?),
+        };
+        self.bind(link.as_ref())?;
+        if let Some(begun) = &self.begun {
+            return Ok(begun.clone());
+        }
+        let Some(link) = link else {
+            return Err(Error::Unavailable("no connection to a server".into()));
+        };
+        let id = link.client.next_id("tx");
+        if let Err(e) = link
+            .client
+            .write(Frame::new(Command::Begin).header("transaction", id.as_str()))
+            .await
+        {
+            return Err(self.break_with(format!("BEGIN could not be sent: {e}")));
+        }
+        self.begun = Some((id.clone(), link.client.clone()));
+        Ok((id, link.client))
+    }
+
+    /// Sends `frame` in the transaction.
+    pub(crate) async fn send(&mut self, inner: &Inner, frame: Frame, tagged: bool) -> Result<()> {
+        let (id, client) = self.begin(inner).await?;
+        let mut sent = frame.clone();
+        sent.headers.push("transaction", id);
+        if let Err(e) = client.write(sent).await {
+            return Err(self.break_with(format!("the connection was lost: {e}")));
+        }
+        self.sends.push(frame);
+        self.untagged_sends |= !tagged;
+        Ok(())
+    }
+
+    /// Records a message received in the transaction, on connection
+    /// `generation`.
+    pub(crate) fn receive(
+        &mut self,
+        inner: &Inner,
+        generation: u64,
+        received: Received,
+    ) -> Result<()> {
+        let bound = match inner.link().filter(|l| l.generation == generation) {
+            Some(link) => self.bind(Some(&link)),
+            None => Err(self.break_with(
+                "the connection a message of the transaction arrived on was lost; \
+                 nothing of it was committed"
+                    .into(),
+            )),
+        };
+        // Kept even when the transaction is broken: rollback and commit
+        // account for it.
+        self.received.push(received);
+        bound
+    }
+}
+
+impl Session {
+    pub(crate) fn new(conn: Connection, mode: SessionMode) -> Session {
+        let tx = (mode == SessionMode::Transacted).then(|| Mutex::new(TxState::default()));
+        Session {
+            shared: Arc::new(SessionShared { conn, mode, tx }),
+        }
+    }
+
+    /// The session's mode.
+    pub fn mode(&self) -> SessionMode {
+        self.shared.mode
+    }
+
+    /// A producer named `name` with default destination `destination`
+    /// (`/queue/NAME` or `/topic/NAME`).
+    ///
+    /// The name identifies the producer across restarts: its producer id
+    /// (the `fmq-producer-id` of its persistent sends) is derived from the
+    /// client-id and the name and kept in the buffer directory, and its
+    /// sequence numbers continue where the last run stopped. Producers of
+    /// one connection with the same name share id and sequence.
+    pub async fn producer(&self, name: &str, destination: &str) -> Result<Producer> {
+        Producer::new(self.shared.clone(), name, destination).await
+    }
+
+    /// A consumer of a queue or topic, with default options.
+    pub async fn consumer(&self, destination: &str) -> Result<Consumer> {
+        self.consumer_with(destination, ConsumerOptions::default())
+            .await
+    }
+
+    /// A consumer of a queue or topic with a selector, a prefetch limit or
+    /// a durable subscription name.
+    ///
+    /// If a server is connected, the subscription is made before this
+    /// returns, and a refusal (e.g. a durable subscription without a
+    /// client-id) is returned. Otherwise the consumer subscribes as soon as
+    /// a server is reached.
+    pub async fn consumer_with(
+        &self,
+        destination: &str,
+        options: ConsumerOptions,
+    ) -> Result<Consumer> {
+        Consumer::new(self.shared.clone(), destination, options).await
+    }
+
+    /// A durable subscriber to `topic` named `name`: the broker keeps the
+    /// topic's messages for it while it is away (across failovers too, the
+    /// subscription being replicated). Needs a client-id.
+    pub async fn durable_subscriber(&self, topic: &str, name: &str) -> Result<Consumer> {
+        self.consumer_with(topic, ConsumerOptions::durable(name))
+            .await
+    }
+
+    /// Deletes the durable subscription `name` of this client-id, with the
+    /// messages it kept. Its consumer must be closed first.
+    pub async fn unsubscribe(&self, name: &str) -> Result<()> {
+        let inner = self.shared.inner();
+        let link = inner.wait_link(inner.config.request_timeout).await?;
+        let frame = Frame::new(Command::Unsubscribe).header("activemq.subscriptionName", name);
+        link.client
+            .request_within(frame, inner.config.request_timeout)
+            .await
+            .map(|_| ())
+    }
+
+    fn tx(&self, what: &str) -> Result<&Mutex<TxState>> {
+        self.shared
+            .tx
+            .as_ref()
+            .ok_or_else(|| Error::Usage(format!("{what} needs a transacted session")))
+    }
+
+    /// Commits the open transaction: its sends are delivered and its
+    /// received messages acknowledged, all together; then a new
+    /// transaction begins.
+    ///
+    /// Returns [`Error::TransactionRolledBack`] when nothing was committed:
+    /// the connection failed over while the transaction was open (or while
+    /// COMMIT was being sent), or the server refused it. If the connection
+    /// drops after COMMIT left, a transaction of sends only is re-run on
+    /// the next connection (same producer ids and sequences, so a broker
+    /// that checks them does not apply it twice) within the request
+    /// timeout; one that also acknowledged messages returns
+    /// [`Error::TransactionInDoubt`]. Never waits longer than about twice
+    /// the request timeout.
+    pub async fn commit(&self) -> Result<()> {
+        let mut tx = self.tx("commit")?.lock().await;
+        let state = std::mem::take(&mut *tx);
+        drop(tx);
+        commit(self.shared.inner(), state).await
+    }
+
+    /// Rolls the open transaction back: its sends are discarded and the
+    /// messages it received are given back to the broker for redelivery.
+    /// Then a new transaction begins. Never fails for a lost connection
+    /// (the broker rolls back by itself).
+    pub async fn rollback(&self) -> Result<()> {
+        let mut tx = self.tx("rollback")?.lock().await;
+        let state = std::mem::take(&mut *tx);
+        drop(tx);
+        let inner = self.shared.inner();
+        let timeout = inner.config.request_timeout;
+        if let Some((id, client)) = &state.begun {
+            if client.is_connected() {
+                let abort = Frame::new(Command::Abort).header("transaction", id.as_str());
+                if let Err(e) = client.request_within(abort, timeout).await {
+                    tracing::debug!(error = %e, "ABORT failed; the broker rolls back on its own");
+                }
+            }
+        }
+        for r in &state.received {
+            if r.message.client().is_connected() {
+                if let Err(e) = r.message.nack().await {
+                    tracing::debug!(error = %e, "NACK after rollback failed; the message is redelivered anyway");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Commits `tx` (taken out of the session, which starts afresh).
+async fn commit(inner: &Inner, mut tx: TxState) -> Result<()> {
+    if let Some(reason) = tx.broken.take() {
+        return Err(Error::TransactionRolledBack(reason));
+    }
+    if tx.generation.is_none() {
+        return Ok(()); // nothing happened in it
+    }
+    let (id, client) = tx.begin(inner).await?;
+    for r in &tx.received {
+        let Ok(ack_id) = r.message.ack_id_for("ACK") else {
+            continue;
+        };
+        let frame = Client::ack_frame(Command::Ack, ack_id, Some(&id));
+        if let Err(e) = client.write(frame).await {
+            return Err(Error::TransactionRolledBack(format!(
+                "the connection was lost before COMMIT: {e}"
+            )));
+        }
+    }
+    let timeout = inner.config.request_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let frame = Frame::new(Command::Commit).header("transaction", id.as_str());
+    let pending = match client.start_request(frame).await {
+        Ok(p) => p,
+        Err(e) => {
+            return Err(Error::TransactionRolledBack(format!(
+                "COMMIT could not be sent: {e}"
+            )))
+        }
+    };
+    let receipt = pending.receipt().to_owned();
+    let error = match pending.wait_until(deadline).await {
+        Ok(_) => {
+            for r in &tx.received {
+                r.consumer.acknowledged(&r.identity, r.key.clone());
+            }
+            return Ok(());
+        }
+        Err(e) => e,
+    };
+    if client.refused(&receipt) && !is_transient(&error) {
+        return Err(Error::TransactionRolledBack(format!(
+            "the server refused the commit: {error}"
+        )));
+    }
+    // COMMIT left; its outcome is unknown.
+    client.abort(error.clone());
+    if !tx.received.is_empty() || tx.untagged_sends {
+        return Err(Error::TransactionInDoubt(format!(
+            "the connection was lost after COMMIT was sent ({error}); \
+             the transaction may or may not have been applied"
+        )));
+    }
+    rerun(inner, &tx, error).await
+}
+
+/// Runs a send-only transaction again, with the same producer ids and
+/// sequences, on a newer connection, until it commits or the request
+/// timeout passes.
+async fn rerun(inner: &Inner, tx: &TxState, first: Error) -> Result<()> {
+    let timeout = inner.config.request_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut after = tx.generation.unwrap_or(0);
+    let mut last = first;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let link = match inner.wait_link_after(after, left).await {
+            Ok(l) => l,
+            Err(e) => {
+                return Err(Error::TransactionInDoubt(format!(
+                    "the connection was lost after COMMIT was sent ({last}) and no server \
+                     took the transaction again in time ({e})"
+                )))
+            }
+        };
+        after = link.generation;
+        let client = &link.client;
+        let id = client.next_id("tx");
+        let mut result = client
+            .write(Frame::new(Command::Begin).header("transaction", id.as_str()))
+            .await;
+        for frame in &tx.sends {
+            if result.is_err() {
+                break;
+            }
+            let mut f = frame.clone();
+            f.headers.push("transaction", id.as_str());
+            result = client.write(f).await;
+        }
+        if result.is_ok() {
+            let commit = Frame::new(Command::Commit).header("transaction", id.as_str());
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match client.start_request(commit).await {
+                Ok(pending) => {
+                    let receipt = pending.receipt().to_owned();
+                    match pending.wait_until(tokio::time::Instant::now() + left).await {
+                        Ok(_) => {
+                            tracing::info!(server = %link.server, "transaction re-run after a lost COMMIT receipt");
+                            return Ok(());
+                        }
+                        Err(e) if client.refused(&receipt) && !is_transient(&e) => {
+                            return Err(Error::TransactionInDoubt(format!(
+                                "the re-run of a transaction whose COMMIT receipt was lost was refused: {e}"
+                            )))
+                        }
+                        Err(e) => result = Err(e),
+                    }
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        if let Err(e) = result {
+            client.abort(e.clone());
+            last = e;
+        }
+    }
+}

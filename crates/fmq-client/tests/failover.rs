@@ -1,0 +1,621 @@
+//! The durable connection against scripted servers: standby servers are
+//! skipped, dropped connections fail over, consumers come back, unreceipted
+//! sends are resent with the same producer id and sequence, transactions
+//! caught by a failover end with a definite error, and back-off paces the
+//! rounds when no server answers.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fake::{passive_message, Fake, Faults, Mode};
+use fmq_client::durable::{
+    Backoff, Connection, ConnectionBuilder, Event, Events, SendOutcome, SessionMode,
+};
+use fmq_client::Error;
+use fmq_proto::{Command, Frame};
+
+const SOON: Duration = Duration::from_secs(10);
+
+fn builder(servers: &[&Fake]) -> ConnectionBuilder {
+    Connection::builder(servers.iter().map(|f| f.address()))
+        .client_id("app")
+        .connect_timeout(Duration::from_secs(2))
+        .request_timeout(Duration::from_secs(5))
+        .initial_timeout(Duration::from_secs(5))
+        .backoff(Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            multiplier: 2.0,
+            jitter: 0.5,
+        })
+}
+
+/// Waits for the first event matching `pred`, returning it.
+async fn expect(events: &mut Events, what: &str, pred: impl Fn(&Event) -> bool) -> Event {
+    let wait = async {
+        while let Some(e) = events.next().await {
+            if pred(&e) {
+                return e;
+            }
+        }
+        panic!("events ended before {what}");
+    };
+    tokio::time::timeout(SOON, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {what} event"))
+}
+
+fn seq_of(frame: &Frame) -> (String, u64) {
+    (
+        frame.get("fmq-producer-id").unwrap().to_owned(),
+        frame.get("fmq-sequence").unwrap().parse().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn passive_server_is_skipped_at_once() {
+    let primary = Fake::start(Mode::Passive).await;
+    let secondary = Fake::start(Mode::Active).await;
+    let started = Instant::now();
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    // No back-off: the refusal moves on to the next server straight away.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(conn.server(), Some(secondary.address()));
+    assert_eq!(primary.connects(), 0);
+    assert_eq!(secondary.connects(), 1);
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn skipped_and_connected_events_are_reported() {
+    let primary = Fake::start(Mode::Passive).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary])
+        .offline_start(true)
+        .initial_timeout(Duration::from_millis(50))
+        .connect()
+        .await
+        .unwrap();
+    let mut events = conn.events();
+    let e = expect(&mut events, "Skipped", |e| {
+        matches!(e, Event::Skipped { .. })
+    })
+    .await;
+    let Event::Skipped { reason, .. } = &e else {
+        unreachable!()
+    };
+    assert_eq!(reason, &passive_message("PASSIVE"));
+    assert!(e.to_string().contains("not the active server"), "{e}");
+    // The secondary takes over: the connection finds it on a later round.
+    secondary.set_mode(Mode::Active);
+    let e = expect(&mut events, "Connected", |e| {
+        matches!(e, Event::Connected { .. })
+    })
+    .await;
+    assert_eq!(
+        e.to_string(),
+        format!("connected to {}", secondary.address())
+    );
+    assert!(conn.is_connected());
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn initial_connect_fails_when_no_server_is_available() {
+    let a = Fake::start(Mode::Down).await;
+    let b = Fake::start(Mode::Passive).await;
+    let started = Instant::now();
+    let err = builder(&[&a, &b])
+        .initial_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let Error::Unavailable(text) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(text.contains(&a.address()), "{text}");
+    assert!(
+        text.contains(&b.address()) && text.contains("PASSIVE"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn back_off_paces_the_rounds_up_to_its_cap() {
+    let a = Fake::start(Mode::Down).await;
+    let b = Fake::start(Mode::Down).await;
+    let conn = builder(&[&a, &b])
+        .backoff(Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(40),
+            multiplier: 2.0,
+            jitter: 0.0,
+        })
+        .offline_start(true)
+        .initial_timeout(Duration::ZERO)
+        .connect()
+        .await
+        .unwrap();
+    let mut events = conn.events();
+    let mut delays = Vec::new();
+    while delays.len() < 5 {
+        if let Event::Waiting { attempt, delay } = expect(&mut events, "Waiting", |e| {
+            matches!(e, Event::Waiting { .. })
+        })
+        .await
+        {
+            delays.push((attempt, delay));
+        }
+    }
+    // Without jitter the delay is exactly 10 ms × 2^attempt, capped at 40.
+    for (attempt, delay) in &delays {
+        let expected = Duration::from_millis((10u64 << (*attempt).min(10)).min(40));
+        assert_eq!(*delay, expected, "attempt {attempt}: {delays:?}");
+    }
+    assert!(
+        delays.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "{delays:?}"
+    );
+    assert!(
+        delays.iter().any(|(_, d)| *d == Duration::from_millis(40)),
+        "{delays:?}"
+    );
+    assert!(!conn.is_connected());
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn dropped_connection_fails_over_and_resubscribes() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let mut events = conn.events();
+    let session = conn.session(SessionMode::ClientIndividual);
+    let mut consumer = session.consumer("/queue/work").await.unwrap();
+    let subscribe = primary.wait_for(Command::Subscribe, 1).await;
+    assert_eq!(subscribe[0].get("ack"), Some("client-individual"));
+    primary.deliver("/queue/work", "m1", "one", &[]);
+    let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(m.body_str(), Some("one"));
+    m.ack().await.unwrap();
+    primary.wait_for(Command::Ack, 1).await;
+
+    // The primary dies; the secondary becomes active.
+    primary.set_mode(Mode::Down);
+    secondary.set_mode(Mode::Active);
+    primary.drop_connections();
+    expect(&mut events, "Disconnected", |e| {
+        matches!(e, Event::Disconnected { .. })
+    })
+    .await;
+    let e = expect(&mut events, "FailedOver", |e| {
+        matches!(e, Event::FailedOver { .. })
+    })
+    .await;
+    let Event::FailedOver { from, to, after } = &e else {
+        unreachable!()
+    };
+    assert_eq!(from, &primary.address());
+    assert_eq!(to, &secondary.address());
+    assert!(*after < Duration::from_secs(5), "{after:?}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("failed over from {from} to {to} in ")),
+        "{e}"
+    );
+    let e = expect(&mut events, "Resubscribed", |e| {
+        matches!(e, Event::Resubscribed { .. })
+    })
+    .await;
+    assert!(matches!(e, Event::Resubscribed { count: 1, .. }), "{e:?}");
+
+    // The consumer is subscribed on the secondary, same destination and mode.
+    let subscribe = secondary.wait_for(Command::Subscribe, 1).await;
+    assert_eq!(subscribe[0].get("destination"), Some("/queue/work"));
+    assert_eq!(subscribe[0].get("ack"), Some("client-individual"));
+    secondary.deliver("/queue/work", "m2", "two", &[]);
+    let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(m.body_str(), Some("two"));
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn durable_subscriptions_are_made_again_by_name() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let session = conn.session(SessionMode::Auto);
+    let _sub = session
+        .durable_subscriber("/topic/prices", "daily")
+        .await
+        .unwrap();
+    let first = primary.wait_for(Command::Subscribe, 1).await;
+    assert_eq!(first[0].get("activemq.subscriptionName"), Some("daily"));
+
+    secondary.set_mode(Mode::Active);
+    primary.set_mode(Mode::Down);
+    primary.drop_connections();
+    let again = secondary.wait_for(Command::Subscribe, 1).await;
+    assert_eq!(again[0].get("activemq.subscriptionName"), Some("daily"));
+    assert_eq!(again[0].get("destination"), Some("/topic/prices"));
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreceipted_send_is_resent_with_the_same_producer_id_and_sequence() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let mut events = conn.events();
+    let session = conn.session(SessionMode::Auto);
+    let producer = session.producer("orders", "/queue/orders").await.unwrap();
+
+    assert_eq!(
+        producer.send("first").await.unwrap(),
+        SendOutcome::Receipted
+    );
+    // The primary takes the next SEND and dies before its RECEIPT.
+    primary.set_faults(Faults {
+        drop_on_send: true,
+        ..Default::default()
+    });
+    primary.set_mode(Mode::Down);
+    secondary.set_mode(Mode::Active);
+    assert_eq!(
+        producer.send("second").await.unwrap(),
+        SendOutcome::Buffered
+    );
+
+    let sent = primary.wait_for(Command::Send, 2).await;
+    let resent = secondary.wait_for(Command::Send, 1).await;
+    assert_eq!(seq_of(&sent[0]), (producer.id().to_owned(), 1));
+    assert_eq!(seq_of(&sent[1]), (producer.id().to_owned(), 2));
+    assert_eq!(seq_of(&resent[0]), seq_of(&sent[1]));
+    assert_eq!(&resent[0].body[..], b"second");
+    assert_eq!(resent[0].get("persistent"), Some("true"));
+    let e = expect(&mut events, "Replayed", |e| {
+        matches!(e, Event::Replayed { .. })
+    })
+    .await;
+    assert!(matches!(e, Event::Replayed { count: 1, .. }), "{e:?}");
+    conn.flush(SOON).await.unwrap();
+    assert_eq!(conn.buffered(), 0);
+
+    // Later sends go straight to the secondary and continue the sequence.
+    assert_eq!(
+        producer.send("third").await.unwrap(),
+        SendOutcome::Receipted
+    );
+    let all = secondary.wait_for(Command::Send, 2).await;
+    assert_eq!(seq_of(&all[1]), (producer.id().to_owned(), 3));
+    assert!(
+        producer.id().starts_with("app:orders:"),
+        "{}",
+        producer.id()
+    );
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn sends_wait_in_the_buffer_while_no_server_is_reachable() {
+    let primary = Fake::start(Mode::Down).await;
+    let secondary = Fake::start(Mode::Down).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conn = builder(&[&primary, &secondary])
+        .buffer_dir(dir.path())
+        .offline_start(true)
+        .initial_timeout(Duration::from_millis(50))
+        .connect()
+        .await
+        .unwrap();
+    let mut events = conn.events();
+    let session = conn.session(SessionMode::Auto);
+    let producer = session.producer("audit", "/queue/audit").await.unwrap();
+    for i in 0..5 {
+        let outcome = producer.send(format!("entry {i}")).await.unwrap();
+        assert_eq!(outcome, SendOutcome::Buffered);
+    }
+    assert_eq!(conn.buffered(), 5);
+    assert!(conn.flush(Duration::from_millis(100)).await.is_err());
+
+    secondary.set_mode(Mode::Active);
+    let e = expect(&mut events, "Replayed", |e| {
+        matches!(e, Event::Replayed { .. })
+    })
+    .await;
+    assert!(matches!(e, Event::Replayed { count: 5, .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        format!("5 buffered sends replayed to {}", secondary.address())
+    );
+    let sends = secondary.wait_for(Command::Send, 5).await;
+    for (i, s) in sends.iter().enumerate() {
+        assert_eq!(&s.body[..], format!("entry {i}").as_bytes());
+        assert_eq!(seq_of(s), (producer.id().to_owned(), i as u64 + 1));
+    }
+    conn.flush(SOON).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn buffer_full_is_a_clear_error() {
+    let a = Fake::start(Mode::Down).await;
+    let conn = builder(&[&a])
+        .buffer_limits(2, 1 << 20)
+        .offline_start(true)
+        .initial_timeout(Duration::ZERO)
+        .connect()
+        .await
+        .unwrap();
+    let session = conn.session(SessionMode::Auto);
+    let producer = session.producer("p", "/queue/q").await.unwrap();
+    producer.send("1").await.unwrap();
+    producer.send("2").await.unwrap();
+    let err = producer.send("3").await.unwrap_err();
+    assert!(
+        matches!(err, Error::BufferFull { records: 2, .. }),
+        "{err:?}"
+    );
+    // Non-persistent sends are not buffered: they need a server.
+    let err = producer
+        .send_with("volatile", fmq_client::SendOptions::new().persistent(false))
+        .await;
+    assert!(err.is_err());
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn transaction_open_at_failover_is_rolled_back() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let mut events = conn.events();
+    let session = conn.session(SessionMode::Transacted);
+    let producer = session.producer("tx", "/queue/tx").await.unwrap();
+    assert_eq!(
+        producer.send("a").await.unwrap(),
+        SendOutcome::InTransaction
+    );
+    primary.wait_for(Command::Send, 1).await;
+
+    primary.set_mode(Mode::Down);
+    secondary.set_mode(Mode::Active);
+    primary.drop_connections();
+    expect(&mut events, "FailedOver", |e| {
+        matches!(e, Event::FailedOver { .. })
+    })
+    .await;
+
+    // Further work in the broken transaction is refused, and commit says
+    // nothing was committed, at once.
+    let err = producer.send("b").await.unwrap_err();
+    assert!(matches!(err, Error::TransactionRolledBack(_)), "{err:?}");
+    let started = Instant::now();
+    let err = session.commit().await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let Error::TransactionRolledBack(reason) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(reason.contains(&primary.address()), "{reason}");
+    assert!(secondary.frames_of(Command::Commit).is_empty());
+
+    // The next transaction runs on the secondary.
+    producer.send("c").await.unwrap();
+    session.commit().await.unwrap();
+    let frames = secondary.wait_for(Command::Commit, 1).await;
+    assert_eq!(frames.len(), 1);
+    let sends = secondary.frames_of(Command::Send);
+    assert_eq!(sends.len(), 1);
+    assert_eq!(&sends[0].body[..], b"c");
+    assert_eq!(sends[0].get("transaction"), frames[0].get("transaction"));
+    assert_eq!(secondary.frames_of(Command::Begin).len(), 1);
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_only_transaction_whose_commit_receipt_was_lost_is_re_run() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let session = conn.session(SessionMode::Transacted);
+    let producer = session.producer("batch", "/queue/batch").await.unwrap();
+    producer.send("x").await.unwrap();
+    producer.send("y").await.unwrap();
+    primary.set_faults(Faults {
+        drop_on_commit: true,
+        ..Default::default()
+    });
+    primary.set_mode(Mode::Down);
+    secondary.set_mode(Mode::Active);
+    session.commit().await.unwrap();
+
+    let first = primary.frames_of(Command::Send);
+    let again = secondary.wait_for(Command::Send, 2).await;
+    assert_eq!(first.len(), 2);
+    for (a, b) in first.iter().zip(&again) {
+        assert_eq!(seq_of(a), seq_of(b));
+        assert_eq!(a.body, b.body);
+    }
+    assert_eq!(secondary.frames_of(Command::Commit).len(), 1);
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn transaction_with_acks_whose_commit_receipt_was_lost_is_in_doubt() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let session = conn.session(SessionMode::Transacted);
+    let mut consumer = session.consumer("/queue/in").await.unwrap();
+    primary.wait_for(Command::Subscribe, 1).await;
+    primary.deliver("/queue/in", "m1", "work", &[]);
+    let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    assert!(matches!(m.ack().await, Err(Error::Usage(_))));
+    primary.set_faults(Faults {
+        drop_on_commit: true,
+        ..Default::default()
+    });
+    let err = session.commit().await.unwrap_err();
+    assert!(matches!(err, Error::TransactionInDoubt(_)), "{err:?}");
+    let acks = primary.frames_of(Command::Ack);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].get("id"), Some("ack-m1"));
+    assert!(acks[0].get("transaction").is_some());
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn consumer_drops_redeliveries_of_what_it_acknowledged() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let mut events = conn.events();
+    let session = conn.session(SessionMode::ClientIndividual);
+    let mut consumer = session.consumer("/queue/jobs").await.unwrap();
+    primary.wait_for(Command::Subscribe, 1).await;
+    let tagged = [("fmq-producer-id", "other:p:1"), ("fmq-sequence", "7")];
+    primary.deliver("/queue/jobs", "m1", "one", &[]);
+    primary.deliver("/queue/jobs", "m2", "two", &tagged);
+    let one = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    let two = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(two.producer_id(), Some("other:p:1"));
+    assert_eq!(two.sequence(), Some(7));
+    one.ack().await.unwrap();
+    two.ack().await.unwrap();
+    primary.wait_for(Command::Ack, 2).await;
+
+    // Failover; the new server redelivers both (the ACKs were "lost"), m2
+    // stored twice under another message-id, then something new.
+    primary.set_mode(Mode::Down);
+    secondary.set_mode(Mode::Active);
+    primary.drop_connections();
+    secondary.wait_for(Command::Subscribe, 1).await;
+    secondary.deliver("/queue/jobs", "m1", "one", &[("redelivered", "true")]);
+    secondary.deliver("/queue/jobs", "m2-copy", "two", &tagged);
+    secondary.deliver("/queue/jobs", "m3", "three", &[]);
+    let three = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(three.body_str(), Some("three"));
+    assert!(consumer
+        .receive_timeout(Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_none());
+    // The duplicates were acknowledged again, so the broker forgets them.
+    let acks = secondary.wait_for(Command::Ack, 2).await;
+    let ids: Vec<_> = acks
+        .iter()
+        .map(|a| a.get("id").unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["ack-m1", "ack-m2-copy"]);
+    let e = expect(&mut events, "DuplicateDropped", |e| {
+        matches!(e, Event::DuplicateDropped { .. })
+    })
+    .await;
+    assert!(e.to_string().contains("m1"), "{e}");
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn client_mode_duplicates_do_not_acknowledge_unprocessed_messages() {
+    let server = Fake::start(Mode::Active).await;
+    let conn = builder(&[&server]).connect().await.unwrap();
+    let session = conn.session(SessionMode::Client);
+    let mut consumer = session.consumer("/queue/c").await.unwrap();
+    server.wait_for(Command::Subscribe, 1).await;
+    server.deliver("/queue/c", "m1", "one", &[]);
+    let one = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    one.ack().await.unwrap();
+    server.wait_for(Command::Ack, 1).await;
+    // m2 is delivered and not yet acknowledged when a copy of m1 comes
+    // back: acknowledging the copy cumulatively would cover m2 as well.
+    server.deliver("/queue/c", "m2", "two", &[]);
+    let two = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    server.deliver("/queue/c", "m1", "one", &[("redelivered", "true")]);
+    assert!(consumer
+        .receive_timeout(Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(server.frames_of(Command::Ack).len(), 1);
+    // Once the application acknowledged m2, nothing unprocessed is left
+    // before the duplicate, which is acknowledged then.
+    two.ack().await.unwrap();
+    let acks = server.wait_for(Command::Ack, 3).await;
+    let ids: Vec<_> = acks.iter().map(|a| a.get("id").unwrap()).collect();
+    assert_eq!(ids, ["ack-m1", "ack-m2", "ack-m1"]);
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn ack_after_failover_is_applied_to_the_redelivery() {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+    let mut events = conn.events();
+    let session = conn.session(SessionMode::ClientIndividual);
+    let mut consumer = session.consumer("/queue/late").await.unwrap();
+    primary.wait_for(Command::Subscribe, 1).await;
+    primary.deliver("/queue/late", "m1", "slow work", &[]);
+    let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    // The connection is lost while the application works on m1.
+    primary.set_mode(Mode::Down);
+    secondary.set_mode(Mode::Active);
+    primary.drop_connections();
+    expect(&mut events, "FailedOver", |e| {
+        matches!(e, Event::FailedOver { .. })
+    })
+    .await;
+    m.ack().await.unwrap(); // nowhere to send it: remembered
+    secondary.wait_for(Command::Subscribe, 1).await;
+    secondary.deliver("/queue/late", "m1", "slow work", &[("redelivered", "true")]);
+    assert!(consumer
+        .receive_timeout(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_none());
+    let acks = secondary.wait_for(Command::Ack, 1).await;
+    assert_eq!(acks[0].get("id"), Some("ack-m1"));
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_blocking_call_is_bounded() {
+    let a = Fake::start(Mode::Down).await;
+    let conn = builder(&[&a])
+        .request_timeout(Duration::from_millis(200))
+        .receive_timeout(Duration::from_millis(100))
+        .offline_start(true)
+        .initial_timeout(Duration::ZERO)
+        .connect()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let tx = conn.session(SessionMode::Transacted);
+    let producer = tx.producer("p", "/queue/q").await.unwrap();
+    assert!(matches!(
+        producer.send("x").await,
+        Err(Error::Unavailable(_))
+    ));
+    let session = conn.session(SessionMode::Auto);
+    // Consumers made while disconnected subscribe later; receive times out.
+    let mut consumer = session.consumer("/queue/q").await.unwrap();
+    assert!(consumer.receive().await.unwrap().is_none());
+    assert!(session.unsubscribe("nothing").await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    conn.close().await.unwrap();
+}
