@@ -9,6 +9,12 @@
 #   scripts/ha-shared.sh status    `fmq status` of both servers
 #   scripts/ha-shared.sh stop      stop both servers (PASSIVE first, so no
 #                                  failover happens) and the gateway
+#   scripts/ha-shared.sh demo      start the pair if needed, run the durable
+#                                  client's failover demo through it (a
+#                                  producer and a consumer), kill -9 the
+#                                  ACTIVE mid-run, restart it, and print how
+#                                  long the failover took and whether any
+#                                  message was lost or duplicated
 #
 # Layout (all under profiles/FerroMQ_HA_shared, or $FMQ_HA_HOME):
 #   HAPrimary/fmq.toml     STOMP 1856, admin 1858, HA port 2000
@@ -203,6 +209,78 @@ Stop everything:
 EOF
 }
 
+# The demo: target/release/examples/failover_demo (or $FMQ_DEMO_BIN) sends
+# $FMQ_DEMO_COUNT (default 3000) numbered persistent messages, one every 2 ms,
+# through a durable connection to both servers while a consumer on it
+# receives and acknowledges them; the ACTIVE is killed with SIGKILL after
+# 2 s. Exit status 1 if a message was lost or duplicated.
+cmd_demo() {
+    local demo=${FMQ_DEMO_BIN:-$FMQ_SH_HOME/target/release/examples/failover_demo}
+    [[ -x "$demo" ]] ||
+        die "$demo not found: build it with cargo build --release -p fmq-client --example failover_demo"
+    local started
+    started=$(cmd_start 2>&1) || { printf '%s\n' "$started" >&2; die "the pair did not start"; }
+    local a0 a1 p0 p1 active="" pid out count=${FMQ_DEMO_COUNT:-3000}
+    a0=$(admin_port_of "${PROFILES[0]}")
+    a1=$(admin_port_of "${PROFILES[1]}")
+    p0=$(fmq_profile_key "$HA_HOME/${PROFILES[0]}/fmq.toml" network port 1856)
+    p1=$(fmq_profile_key "$HA_HOME/${PROFILES[1]}/fmq.toml" network port 1956)
+    out=$(mktemp "${TMPDIR:-/tmp}/fmq-demo.XXXXXX")
+    local buffer
+    buffer=$(mktemp -d "${TMPDIR:-/tmp}/fmq-demo-buffer.XXXXXX")
+    echo "failover demo ($MODE pair): $count messages through 127.0.0.1:$p0,127.0.0.1:$p1; the ACTIVE is killed with SIGKILL after 2 s"
+    "$demo" --addr "127.0.0.1:$p0,127.0.0.1:$p1" --count "$count" --interval-ms 2 \
+        --login "${FMQ_ADMIN_USER:-admin}" --passcode "${FMQ_ADMIN_PASSWORD:-passwd}" \
+        --buffer-dir "$buffer" --client-id "fmq-demo-$$" \
+        --destination "/queue/fmq-demo.$$.$RANDOM" >"$out" 2>&1 &
+    local demo_pid=$! start=$SECONDS
+    sleep 2
+    if [[ "$(ha_state "$a0")" == ACTIVE ]]; then
+        active=${PROFILES[0]}
+    elif [[ "$(ha_state "$a1")" == ACTIVE ]]; then
+        active=${PROFILES[1]}
+    fi
+    if [[ -n "$active" ]] && read -r pid <"$HA_HOME/$active/run/fmq.pid" && fmq_pid_is_fmq "$pid"; then
+        echo "killing the ACTIVE server $active (pid $pid) with SIGKILL"
+        kill -KILL "$pid"
+    else
+        echo "$ME: no ACTIVE server found to kill" >&2
+    fi
+    local rc=0
+    while kill -0 "$demo_pid" 2>/dev/null; do
+        if ((SECONDS - start > 300)); then
+            kill -TERM "$demo_pid" 2>/dev/null
+            echo "$ME: the demo did not finish in 300 s" >&2
+            rc=1
+            break
+        fi
+        sleep 0.5
+    done
+    wait "$demo_pid" || rc=1
+    echo "--- client events ---"
+    grep -E 'connected to|failed over|skipped|buffered sends replayed|disconnected|resubscribed' "$out" | head -n 20
+    echo "--- result ---"
+    grep -E '^(sent|received) ' "$out"
+    local failover received
+    failover=$(grep -o 'failed over from [^ ]* to [^ ]* in [0-9]* ms' "$out" | head -n 1)
+    received=$(grep -E '^received ' "$out" | head -n 1)
+    if [[ $rc -ne 0 || "$received" != *" 0 missing, 0 duplicates"* ]]; then
+        tail -n 20 "$out" >&2
+        rc=1
+    fi
+    rm -rf "$out" "$buffer"
+    if [[ -n "$active" ]]; then
+        echo "restarting $active"
+        cmd_start >/dev/null 2>&1 || rc=1
+    fi
+    if [[ $rc -eq 0 ]]; then
+        echo "FAILOVER DEMO PASSED: ${failover:-no failover seen}; $count messages, none lost, none duplicated"
+    else
+        echo "FAILOVER DEMO FAILED (see above)" >&2
+    fi
+    return "$rc"
+}
+
 cmd_stop() {
     local p port s rc=0
     local -a order=() later=()
@@ -236,9 +314,9 @@ main() {
             awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"
             exit 0
             ;;
-        start | stop | status) ;;
+        start | stop | status | demo) ;;
         *)
-            echo "$ME: unknown action '$action' (start, stop or status; see -help)" >&2
+            echo "$ME: unknown action '$action' (start, stop, status or demo; see -help)" >&2
             exit 4
             ;;
     esac
@@ -250,6 +328,7 @@ main() {
         start) cmd_start ;;
         stop) cmd_stop ;;
         status) print_status ;;
+        demo) cmd_demo ;;
     esac
 }
 

@@ -2,8 +2,12 @@
 # Builds FerroMQ and starts the shared-storage HA pair on this machine: the
 # gateway responder, the primary (STOMP 127.0.0.1:1856, admin 1858) and the
 # secondary (STOMP 127.0.0.1:1956, admin 1859) of profiles/FerroMQ_HA_shared,
-# in the background. Prints both servers' status and how to watch a failover;
-# `bash scripts/ha-shared.sh stop` stops them.
+# in the background. Prints both servers' status, then runs the failover
+# demo (`scripts/ha-shared.sh demo`): a durable producer and consumer send
+# and receive through the pair while the ACTIVE is killed with SIGKILL; it
+# prints how long the failover took and that no message was lost or
+# duplicated, and restarts the killed server. FMQ_DEMO=0 skips the demo.
+# `bash scripts/ha-shared.sh stop` stops the pair.
 # Installs what it needs on a Debian machine; safe to run again.
 #
 #   bash scripts/start.sh                    the HA pair (default)
@@ -20,4 +24,12 @@ if [ $# -gt 0 ]; then
     fmq_log "starting: target/release/fmq $*"
     exec "$FMQ_BIN" "$@"
 fi
-exec bash scripts/ha-shared.sh start
+if [ "${FMQ_DEMO:-1}" = 0 ]; then
+    exec bash scripts/ha-shared.sh start
+fi
+fmq_log "building the failover demo client (release)"
+cargo build --release --locked -p fmq-client --example failover_demo
+bash scripts/ha-shared.sh start
+echo
+fmq_log "failover demo: a producer and a consumer through the pair while the ACTIVE is killed"
+exec bash scripts/ha-shared.sh demo
