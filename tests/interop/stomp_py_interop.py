@@ -46,6 +46,7 @@ class Collector(stomp.ConnectionListener):
         self.messages = queue.Queue()
         self.errors = []
         self.receipts = set()
+        self.receipt_headers = {}
         self.heartbeats = 0
         self.heartbeat_timeouts = 0
         self.disconnected = False
@@ -61,6 +62,7 @@ class Collector(stomp.ConnectionListener):
     def on_receipt(self, frame):
         with self.cond:
             self.receipts.add(frame.headers.get("receipt-id"))
+            self.receipt_headers[frame.headers.get("receipt-id")] = dict(frame.headers)
             self.cond.notify_all()
 
     def on_error(self, frame):
@@ -135,6 +137,7 @@ class Client:
         r = self.rid("send")
         self.conn.send(destination, body, headers=headers, receipt=r)
         self.l.wait_receipt(r)
+        return self.l.receipt_headers.get(r, {})
 
     def subscribe(self, destination, sid, ack="auto", **headers):
         r = self.rid("sub")
@@ -517,6 +520,31 @@ def heart_beats_negotiated(args):
     print("     (server heart-beat %s; %d heart-beats received in 3 s)" % (hb, c.l.heartbeats))
     if sx <= 1000:
         check(c.l.heartbeats >= 1, "server heart-beats arrive (%d)" % c.l.heartbeats)
+    c.close()
+
+
+@interop
+def producer_id_and_sequence_drop_resends(args):
+    # docs/dedupe.md: a resend with the same producer id and sequence is
+    # receipted with fmq-duplicate:true and not delivered again.
+    q = dest("queue", "dedupe")
+    producer = "stomp.py-%s" % RUN
+    c = Client(args)
+    first = c.send(q, "seq 1", **{"fmq-producer-id": producer, "fmq-sequence": "1"})
+    check("fmq-duplicate" not in first, "a first send is not a duplicate: %s" % first)
+    c.send(q, "seq 2", **{"fmq-producer-id": producer, "fmq-sequence": "2"})
+    again = c.send(q, "seq 2 again", **{"fmq-producer-id": producer, "fmq-sequence": "2"})
+    check(again.get("fmq-duplicate") == "true",
+          "a resend is receipted with fmq-duplicate:true: %s" % again)
+    c.close()
+    # A new connection (as after a failover) is still the same producer.
+    c = Client(args)
+    late = c.send(q, "seq 1 late", **{"fmq-producer-id": producer, "fmq-sequence": "1"})
+    check(late.get("fmq-duplicate") == "true", "dropped on a new connection: %s" % late)
+    c.subscribe(q, "s")
+    got = [c.l.message(what="stored message").body for _ in range(2)]
+    check(got == ["seq 1", "seq 2"], "each stored once, in order: %s" % got)
+    c.l.no_message(0.7, "no duplicate delivered")
     c.close()
 
 
