@@ -200,6 +200,12 @@ pub struct Machine {
     check: Option<Check>,
     /// Replication failed; wait for SinkRetry before trying again.
     sink_backoff: bool,
+    /// ACTIVE: the stream that brought the passive in sync is still up. A
+    /// peer report of WAITING then predates that stream (the peer's state
+    /// travels on the HA link, its batches on their own connection, and
+    /// the two are not ordered), so it must not end synchronous
+    /// replication; the stream ending ([`Event::ReplicationFailed`]) does.
+    feeding: bool,
 }
 
 impl Machine {
@@ -223,6 +229,7 @@ impl Machine {
             starting: false,
             check: None,
             sink_backoff: false,
+            feeding: false,
         }
     }
 
@@ -438,13 +445,29 @@ impl Machine {
             Event::SyncComplete => match self.state {
                 State::ActiveSync => {
                     self.set_state(State::Active, &mut out);
+                    self.feeding = true;
                     out.push(Action::RequireSync(true));
                 }
                 State::PassiveSync => self.set_state(State::Passive, &mut out),
                 _ => {}
             },
             Event::ReplicationFailed { reason } => {
-                if matches!(self.state, State::PassiveSync | State::Passive) {
+                if self.state == State::Active {
+                    // The stream to the passive ended. Receipts keep waiting
+                    // until the peer says it stopped following (WAITING):
+                    // until then it may still take over as an in-sync
+                    // stand-in.
+                    self.feeding = false;
+                    out.push(Action::Log(format!(
+                        "Replication to the backup server ended: {reason}"
+                    )));
+                    // Only a peer that reports WAITING over a live link is
+                    // let go here; a lost link goes through the lock and
+                    // gateway check instead, which holds the receipts.
+                    if self.link_up && self.peer == State::Waiting {
+                        self.peer_update(&mut out);
+                    }
+                } else if matches!(self.state, State::PassiveSync | State::Passive) {
                     out.push(Action::Log(format!(
                         "Replication from the backup server failed: {reason}"
                     )));
@@ -596,6 +619,9 @@ impl Machine {
             State::Standalone if self.peer == State::Waiting => {
                 self.set_state(State::ActiveSync, out);
             }
+            State::Active if self.peer == State::Waiting && self.feeding => {
+                // Older than the stream that is in sync: see `feeding`.
+            }
             State::Active if matches!(self.peer, State::Waiting | State::Dead) => {
                 // The passive dropped out of sync: serve on, resync it.
                 out.push(Action::RequireSync(false));
@@ -663,6 +689,9 @@ impl Machine {
         }
         self.previous = self.state;
         self.state = next;
+        if next != State::Active {
+            self.feeding = false;
+        }
         out.push(Action::Log(crate::state::switched_line(self.role, next)));
         out.push(Action::Broadcast {
             current: next,
@@ -1175,12 +1204,56 @@ mod tests {
                 vec![Action::RequireSync(false)],
             ),
             (
-                "4: ACTIVE whose passive drops out of sync -> ACTIVE_SYNC",
-                || serving(State::Active),
+                "4: ACTIVE whose passive drops out of sync (stream ended, then WAITING) -> ACTIVE_SYNC",
+                || {
+                    let mut m = serving(State::Active);
+                    m.handle(Event::ReplicationFailed {
+                        reason: "closed by the peer".into(),
+                    });
+                    assert_eq!(m.state(), State::Active);
+                    m
+                },
                 peer(State::Waiting, (1, 10)),
                 State::ActiveSync,
                 vec![Action::RequireSync(false)],
                 vec![],
+            ),
+            (
+                "4: ACTIVE whose passive reported WAITING: the stream ending lets it go -> ACTIVE_SYNC",
+                || {
+                    let mut m = serving(State::Active);
+                    m.handle(peer(State::Waiting, (1, 10)));
+                    assert_eq!(m.state(), State::Active);
+                    m
+                },
+                Event::ReplicationFailed {
+                    reason: "closed by the peer".into(),
+                },
+                State::ActiveSync,
+                vec![Action::RequireSync(false)],
+                vec![],
+            ),
+            (
+                "4: a WAITING report older than the in-sync stream keeps ACTIVE and its receipts waiting",
+                || serving(State::Active),
+                peer(State::Waiting, (1, 10)),
+                State::Active,
+                vec![],
+                vec![Action::RequireSync(false)],
+            ),
+            (
+                "4: the stream ending while the passive still says PASSIVE keeps receipts waiting",
+                || {
+                    let mut m = serving(State::Active);
+                    m.handle(peer(State::Passive, (1, 10)));
+                    m
+                },
+                Event::ReplicationFailed {
+                    reason: "closed by the peer".into(),
+                },
+                State::Active,
+                vec![],
+                vec![Action::RequireSync(false)],
             ),
             // Rule 5: lose the lock -> WAITING.
             (
@@ -1427,6 +1500,10 @@ mod tests {
                         self.pos[i] = (e, self.pos[i].1 + 1);
                         self.inbox[i].push(Event::ServicesActivated);
                     }
+                    // The passive's stream ends: the active's source sees it.
+                    Action::StopSink => self.inbox[1 - i].push(Event::ReplicationFailed {
+                        reason: "the passive stopped following".into(),
+                    }),
                     Action::Broadcast { current, previous } if self.link => {
                         let position = Some(self.pos[i]);
                         self.inbox[1 - i].push(Event::PeerState {
@@ -1454,6 +1531,9 @@ mod tests {
                         for i in 0..2 {
                             self.inbox[i].retain(|e| !matches!(e, Event::PeerState { .. }));
                             self.inbox[i].push(Event::LinkDown);
+                            self.inbox[i].push(Event::ReplicationFailed {
+                                reason: "cut".into(),
+                            });
                         }
                     }
                 }
@@ -1490,6 +1570,9 @@ mod tests {
                     if self.link {
                         self.inbox[1 - i].retain(|e| !matches!(e, Event::PeerState { .. }));
                         self.inbox[1 - i].push(Event::LinkDown);
+                        self.inbox[1 - i].push(Event::ReplicationFailed {
+                            reason: "peer crashed".into(),
+                        });
                         self.inbox[1 - i].push(Event::LinkUp);
                         self.inbox[i].push(Event::LinkUp);
                     }

@@ -626,6 +626,10 @@ impl Store for ReplicatedStore {
         self.inner.sync()
     }
 
+    fn settled(&self) -> Commit {
+        self.inner.settled()
+    }
+
     fn first_logged(&self) -> u64 {
         self.inner.first_logged()
     }
@@ -1004,6 +1008,14 @@ async fn follow_inner(
     events: mpsc::Sender<SinkEvent>,
 ) -> Result<(), String> {
     let store = replica.store();
+    // Batches an earlier stream handed to the store may still be queued
+    // there (its task was dropped, its commits were not): wait for them, or
+    // the position sent below would be short of what the store will hold
+    // and the active would send those batches again.
+    store
+        .settled()
+        .await
+        .map_err(|e| format!("waiting for the store to settle: {e}"))?;
     let position = epoch::position(&*store).map_err(|e| format!("reading our position: {e}"))?;
     let history = epoch::history(&*store).map_err(|e| format!("reading our epoch history: {e}"))?;
     send(
@@ -1064,6 +1076,15 @@ async fn follow_inner(
     drop(store);
     let (mut tx, mut rx) = wire.split();
     let mut store = replica.store();
+    if matches!(plan, Plan::Incremental) && store.last_sequence() != position.sequence {
+        // Written by someone else since the position was read: applying
+        // the active's batches on top would store them twice.
+        return Err(format!(
+            "the store moved from sequence {} to {} while subscribing; resubscribing",
+            position.sequence,
+            store.last_sequence()
+        ));
+    }
     let mut expected = store.last_sequence() + 1;
     let mut max_epoch = position.epoch.max(epoch);
     let mut in_flight: FuturesOrdered<Commit> = FuturesOrdered::new();

@@ -457,6 +457,11 @@ pub async fn run(
                             generation += 1;
                             if let Some(t) = source_task.take() {
                                 t.abort();
+                                // The stream it fed is gone, whatever the
+                                // new one brings.
+                                events.push_back(Event::ReplicationFailed {
+                                    reason: "replaced by a new replication connection".into(),
+                                });
                             }
                             source_task = Some(spawn_source(stream, s.source.clone(), note_tx.clone(), generation));
                         }
@@ -482,9 +487,12 @@ pub async fn run(
                 }
                 Note::SourceEnded { generation: g, reason } if g == generation => {
                     // Receipts keep waiting: the machine releases them when
-                    // the peer reports WAITING (it resyncs) or, once the link
-                    // is down, after it has confirmed the lock and gateway.
+                    // the peer also reports WAITING (it resyncs) or, once
+                    // the link is down, after it has confirmed the lock and
+                    // gateway.
                     tracing::info!(%reason, "replication to the passive server ended");
+                    source_task = None;
+                    events.push_back(Event::ReplicationFailed { reason });
                 }
                 Note::Sink { generation: g, event } if g == generation => match event {
                     SinkEvent::InSync => {

@@ -438,6 +438,18 @@ impl Store for RocksStore {
         Ok(())
     }
 
+    fn settled(&self) -> Commit {
+        let Some(requests) = &self.requests else {
+            return Commit::ready(Err(Error::Closed));
+        };
+        let (done, commit) = Commit::pending();
+        if let Err(mpsc::SendError(Request::Settled(done))) = requests.send(Request::Settled(done))
+        {
+            done.send(Err(Error::Closed));
+        }
+        commit
+    }
+
     fn first_logged(&self) -> u64 {
         self.shared.first_logged.load(Ordering::Acquire)
     }

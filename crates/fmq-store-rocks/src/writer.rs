@@ -35,6 +35,9 @@ pub(crate) enum Request {
     Commit(CommitRequest),
     /// A checkpoint to take once everything queued before it is written.
     Checkpoint(CheckpointRequest),
+    /// Answered with the last sequence once everything queued before it is
+    /// written.
+    Settled(CommitSender),
 }
 
 /// A batch waiting for the writer, with the sender that resolves its commit.
@@ -103,6 +106,10 @@ impl Writer {
                     self.checkpoint(&request);
                     continue;
                 }
+                Request::Settled(done) => {
+                    done.send(Ok(self.last_sequence));
+                    continue;
+                }
             };
             let mut bytes = estimated_bytes(&first.batch);
             let mut group = vec![first];
@@ -117,7 +124,7 @@ impl Writer {
                         bytes += size;
                         group.push(request);
                     }
-                    Ok(request @ Request::Checkpoint(_)) => {
+                    Ok(request @ (Request::Checkpoint(_) | Request::Settled(_))) => {
                         carried = Some(request);
                         break;
                     }

@@ -473,3 +473,25 @@ fn a_paused_log_keeps_nothing_and_restarts_at_the_next_batch() {
     assert_eq!(store.first_logged(), 9);
     assert_eq!(store.last_sequence(), 12);
 }
+
+#[test]
+fn settled_waits_for_every_commit_queued_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), 0);
+    // Queued and dropped unawaited, as a stopped replication stream leaves
+    // them: they are applied all the same, and settled() comes after them.
+    for n in 1..=500 {
+        drop(store.commit(numbered(n)));
+    }
+    let runtime = runtime();
+    assert_eq!(runtime.block_on(store.settled()).expect("settled"), 500);
+    assert_eq!(store.last_sequence(), 500);
+    // Nothing was written by it.
+    assert_eq!(runtime.block_on(store.settled()).expect("settled"), 500);
+    assert_eq!(
+        runtime
+            .block_on(store.commit(numbered(501)))
+            .expect("commit"),
+        501
+    );
+}

@@ -77,6 +77,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Makes everything applied so far durable.
     fn sync(&self) -> Result<()>;
 
+    /// Resolves, with the last sequence then, once every commit made before
+    /// this call has been applied (or has failed). Writes nothing. A store
+    /// that applies commits before `commit` returns is always settled.
+    fn settled(&self) -> Commit {
+        Commit::ready(Ok(self.last_sequence()))
+    }
+
     /// Smallest sequence still in the batch log; `last_sequence() + 1` when
     /// the log is empty or the store keeps none.
     fn first_logged(&self) -> u64;
