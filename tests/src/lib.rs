@@ -3,6 +3,12 @@
 //! SIGTERM, the `fmq` admin commands as subprocesses, and a small raw-frame
 //! STOMP client that reports failures as errors instead of panicking (a
 //! killed server is an expected event in these tests).
+//!
+//! The HA tests build on the modules: [`pair`] (what a test asks of a pair
+//! of servers, and the loopback pair), [`netns`] (network namespaces,
+//! links and the pair inside them), [`load`] (producers that move to the
+//! other server on error, a reconnecting consumer, drains) and [`samples`]
+//! (state samples, and how long both servers served at once).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -21,6 +27,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
+
+pub mod load;
+pub mod netns;
+pub mod pair;
+pub mod samples;
+
+pub use samples::{longest_double_active, sample_states, Sample};
 
 /// How long a server has to start answering.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -164,39 +177,8 @@ impl TempProfile {
     /// Sets `key = value` (value as TOML text) in `[section]`, replacing the
     /// existing line or adding one.
     pub fn set(&mut self, section: &str, key: &str, value: &str) {
-        let text = self.text();
-        let mut out = Vec::new();
-        let mut current = String::new();
-        let mut done = false;
-        let header = format!("[{section}]");
-        for line in text.lines() {
-            let t = line.trim();
-            if t.starts_with('[') {
-                if current == header && !done {
-                    out.push(format!("{key} = {value}"));
-                    done = true;
-                }
-                current = t.to_owned();
-            }
-            let is_key = t
-                .split_once('=')
-                .is_some_and(|(k, _)| k.trim() == key && !t.starts_with('#'));
-            if current == header && is_key {
-                if !done {
-                    out.push(format!("{key} = {value}"));
-                    done = true;
-                }
-                continue;
-            }
-            out.push(line.to_owned());
-        }
-        if !done {
-            if current != header {
-                out.push(header);
-            }
-            out.push(format!("{key} = {value}"));
-        }
-        self.write_text(&(out.join("\n") + "\n"));
+        let text = set_toml_key(&self.text(), section, key, value);
+        self.write_text(&text);
     }
 }
 
@@ -666,61 +648,14 @@ pub fn describe(f: &Frame) -> String {
     )
 }
 
-/// One status poll of an HA server: when, and its `ha.state` (`None`: no
-/// answer, e.g. while the process is stopped).
-pub type Sample = (Duration, Option<String>);
-
-/// Polls `poll` every 50 ms on a thread until `stop`, recording each answer.
-pub fn sample_states(
-    poll: impl Fn() -> Option<String> + Send + 'static,
-    t0: Instant,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Sample>> {
-    std::thread::spawn(move || {
-        let mut v = Vec::new();
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            v.push((t0.elapsed(), poll()));
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        v
-    })
-}
-
-/// The longest time both servers' latest answers said ACTIVE.
-pub fn longest_double_active(a: &[Sample], b: &[Sample]) -> Duration {
-    let mut events: Vec<(Duration, usize, bool)> = a
-        .iter()
-        .map(|(t, s)| (*t, 0, s.as_deref() == Some("ACTIVE")))
-        .chain(
-            b.iter()
-                .map(|(t, s)| (*t, 1, s.as_deref() == Some("ACTIVE"))),
-        )
-        .collect();
-    events.sort_by_key(|e| e.0);
-    let mut cur = [false, false];
-    let mut since: Option<Duration> = None;
-    let mut longest = Duration::ZERO;
-    for (t, who, active) in events {
-        cur[who] = active;
-        match (cur[0] && cur[1], since) {
-            (true, None) => since = Some(t),
-            (false, Some(s)) => {
-                longest = longest.max(t - s);
-                since = None;
-            }
-            _ => {}
-        }
-    }
-    if let (Some(s), Some(end)) = (since, a.last().zip(b.last()).map(|(x, y)| x.0.max(y.0))) {
-        longest = longest.max(end - s);
-    }
-    longest
-}
-
 /// One admin `status` request with short timeouts (a stopped or dead
 /// server must not stall a fast poll): the `data` object, or `None`.
 pub fn quick_status(admin_port: u16, wait: Duration) -> Option<serde_json::Value> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    status_at(SocketAddr::from(([127, 0, 0, 1], admin_port)), wait)
+}
+
+/// [`quick_status`] of an admin port at any address.
+pub fn status_at(addr: SocketAddr, wait: Duration) -> Option<serde_json::Value> {
     let mut s = StdTcpStream::connect_timeout(&addr, wait).ok()?;
     s.set_read_timeout(Some(wait)).ok()?;
     s.set_write_timeout(Some(wait)).ok()?;
@@ -732,6 +667,62 @@ pub fn quick_status(admin_port: u16, wait: Duration) -> Option<serde_json::Value
         return None;
     }
     Some(v["data"].clone())
+}
+
+/// `ha.state` of a status object.
+pub fn ha_state(status: &serde_json::Value) -> Option<String> {
+    status["ha"]["state"].as_str().map(str::to_owned)
+}
+
+/// The text of a shipped profile, `profiles/NAME/fmq.toml`.
+pub fn shipped_profile(name: &str) -> String {
+    let path = workspace_root()
+        .join("profiles")
+        .join(name)
+        .join("fmq.toml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// A shipped replicated profile (`FerroMQ_HA_rpl/HAPrimary` or
+/// `.../HASecondary`) with `(section, key, value)` changes (values as TOML
+/// text).
+pub fn replicated_profile(server: &str, changes: &[(&str, &str, String)]) -> String {
+    let name = format!("FerroMQ_HA_rpl/{server}");
+    let mut t = shipped_profile(&name);
+    assert!(
+        t.contains("mode = \"replicated\""),
+        "profiles/{name} is not a replicated profile"
+    );
+    for (section, key, value) in changes {
+        t = set_toml_key(&t, section, key, value);
+    }
+    t
+}
+
+/// Spawns `fmq ARGS`, its stdout in `dir/TAG.out` and stderr in
+/// `dir/TAG.err`.
+pub fn spawn_fmq(args: &[&str], dir: &Path, tag: &str) -> Result<Proc> {
+    Proc::spawn(
+        ProcessCommand::new(fmq_bin()).args(args),
+        dir.join(format!("{tag}.out")),
+        dir.join(format!("{tag}.err")),
+    )
+}
+
+/// Starts `fmq gateway --listen 127.0.0.1:PORT` (output in
+/// `dir/gateway.out` and `.err`) and waits until it accepts connections.
+pub fn start_gateway(dir: &Path, port: u16, within: Duration) -> Result<Proc> {
+    let listen = format!("127.0.0.1:{port}");
+    let gw = spawn_fmq(&["gateway", "--listen", &listen], dir, "gateway")?;
+    let deadline = Instant::now() + within;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while StdTcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("fmq gateway did not listen on {listen}:\n{}", gw.tail(20));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(gw)
 }
 
 /// Sets `key = value` (value as TOML text) in `[section]` of a profile
@@ -865,27 +856,5 @@ impl Drop for Proc {
         // No-ops once the process has been reaped.
         let _ = child.kill();
         let _ = child.wait();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn double_active_is_measured_from_overlapping_samples() {
-        let ms = Duration::from_millis;
-        let a: Vec<Sample> = vec![
-            (ms(0), Some("ACTIVE".into())),
-            (ms(100), Some("ACTIVE".into())),
-            (ms(300), Some("PASSIVE".into())),
-        ];
-        let b: Vec<Sample> = vec![
-            (ms(50), Some("PASSIVE".into())),
-            (ms(150), Some("ACTIVE".into())),
-            (ms(350), Some("ACTIVE".into())),
-        ];
-        assert_eq!(longest_double_active(&a, &b), ms(150));
-        assert_eq!(longest_double_active(&a, &[]), Duration::ZERO);
     }
 }

@@ -4,7 +4,7 @@
 //! back. A second test does the same for an offline durable topic
 //! subscription.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use fmq_proto::Item;
+use fmq_tests::load::duplicates;
 use fmq_tests::{describe, Command, Frame, Server, Stomp, TempProfile};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::Semaphore;
@@ -211,18 +212,6 @@ async fn drain(
     .await?;
     conn.disconnect().await?;
     Ok(got)
-}
-
-fn duplicates(seqs: &[String]) -> Vec<String> {
-    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in seqs {
-        *count.entry(s).or_default() += 1;
-    }
-    count
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .map(|(s, n)| format!("{s}x{n}"))
-        .collect()
 }
 
 fn sample(set: impl IntoIterator<Item = String>) -> Vec<String> {

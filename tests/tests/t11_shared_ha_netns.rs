@@ -2,7 +2,8 @@
 //! secondary each run in a network namespace of their own, created by the
 //! test, and the faults are links set down with `ip link`.
 //!
-//! Topology (all addresses exist only inside these namespaces):
+//! Topology ([`fmq_tests::netns`] without its client links; all addresses
+//! exist only inside these namespaces):
 //!
 //! ```text
 //!   A (primary)  ab 10.251.3.1/30 ---- 10.251.3.2/30 ba  B (secondary)
@@ -30,22 +31,18 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Child, Command as ProcessCommand, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::{Command as ProcessCommand, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use fmq_tests::{fmq_bin, longest_double_active, sample_states, tail_file, Sample};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use anyhow::{anyhow, Result};
+use fmq_tests::netns::{Net, LINKS, LINK_AB, LINK_AG, LINK_BG, NS_A, NS_B, NS_G, SERVICE};
+use fmq_tests::netns::{GATEWAY_IP, GATEWAY_PORT};
+use fmq_tests::pair::{HaPair, PRIMARY, SECONDARY};
+use fmq_tests::samples::{first_at, show, Samplers};
+use fmq_tests::{fmq_bin, ha_state, longest_double_active, tail_file, Proc, Sample};
 use serde_json::Value;
 
-const PRIMARY: usize = 0;
-const SECONDARY: usize = 1;
-const GATEWAY_PORT: u16 = 7007;
-const GATEWAY_IP: &str = "10.251.10.3";
 const PING_MS: u64 = 100;
 const ACTIVE_LOCK_MS: u64 = 200;
 const PASSIVE_LOCK_MS: u64 = 500;
@@ -55,259 +52,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// One test at a time in this file.
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Runs `ip ARGS`; an error with its output if it fails.
-fn ip(args: &[&str]) -> Result<()> {
-    let out = ProcessCommand::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run ip {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// One end of a point-to-point link: namespace index, device, its /30
-/// address, and the host route (service address of the far side, via the
-/// far end's address) that uses it.
-#[derive(Debug, Clone, Copy)]
-struct End {
-    ns: usize,
-    dev: &'static str,
-    addr: &'static str,
-    route_to: &'static str,
-    via: &'static str,
-}
-
-const NS_A: usize = 0;
-const NS_B: usize = 1;
-const NS_G: usize = 2;
-
-/// Service addresses (on `lo`) of A, B and G.
-const SERVICE: [&str; 3] = ["10.251.10.1", "10.251.10.2", GATEWAY_IP];
-
-/// The three links, each as its two ends.
-const LINKS: [[End; 2]; 3] = [
-    [
-        End {
-            ns: NS_A,
-            dev: "ag",
-            addr: "10.251.1.1/30",
-            route_to: GATEWAY_IP,
-            via: "10.251.1.2",
-        },
-        End {
-            ns: NS_G,
-            dev: "ga",
-            addr: "10.251.1.2/30",
-            route_to: "10.251.10.1",
-            via: "10.251.1.1",
-        },
-    ],
-    [
-        End {
-            ns: NS_B,
-            dev: "bg",
-            addr: "10.251.2.1/30",
-            route_to: GATEWAY_IP,
-            via: "10.251.2.2",
-        },
-        End {
-            ns: NS_G,
-            dev: "gb",
-            addr: "10.251.2.2/30",
-            route_to: "10.251.10.2",
-            via: "10.251.2.1",
-        },
-    ],
-    [
-        End {
-            ns: NS_A,
-            dev: "ab",
-            addr: "10.251.3.1/30",
-            route_to: "10.251.10.2",
-            via: "10.251.3.2",
-        },
-        End {
-            ns: NS_B,
-            dev: "ba",
-            addr: "10.251.3.2/30",
-            route_to: "10.251.10.1",
-            via: "10.251.3.1",
-        },
-    ],
-];
-const LINK_AG: usize = 0;
-const LINK_BG: usize = 1;
-const LINK_AB: usize = 2;
-
-static NET_SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// The namespaces of one test; deleted on drop.
-#[derive(Debug)]
-struct Net {
-    names: Vec<String>,
-}
-
-impl Net {
-    fn new() -> Net {
-        let tag = format!(
-            "t11-{}-{}",
-            std::process::id(),
-            NET_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut net = Net { names: Vec::new() };
-        for letter in ["A", "B", "G"] {
-            let name = format!("fmq{letter}-{tag}");
-            if let Err(e) = ip(&["netns", "add", &name]) {
-                panic!(
-                    "cannot create network namespace {name}: these tests need root \
-                     (CAP_SYS_ADMIN and CAP_NET_ADMIN) and the `ip` tool: {e:#}"
-                );
-            }
-            net.names.push(name);
-        }
-        net.build().expect("set up the namespaces' links");
-        net
-    }
-
-    fn ns(&self, i: usize) -> &str {
-        &self.names[i]
-    }
-
-    fn build(&self) -> Result<()> {
-        for (i, addr) in SERVICE.iter().enumerate() {
-            let ns = self.ns(i);
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
-        }
-        for [x, y] in LINKS {
-            ip(&[
-                "-n",
-                self.ns(x.ns),
-                "link",
-                "add",
-                x.dev,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                y.dev,
-                "netns",
-                self.ns(y.ns),
-            ])?;
-            for e in [x, y] {
-                ip(&["-n", self.ns(e.ns), "addr", "add", e.addr, "dev", e.dev])?;
-            }
-        }
-        for l in 0..LINKS.len() {
-            self.link_up(l)?;
-        }
-        Ok(())
-    }
-
-    /// Sets one end down (its routes go with it).
-    fn end_down(&self, e: End) -> Result<()> {
-        ip(&["-n", self.ns(e.ns), "link", "set", e.dev, "down"])
-    }
-
-    /// Sets one end up and (re)installs its host route.
-    fn end_up(&self, e: End) -> Result<()> {
-        let ns = self.ns(e.ns);
-        ip(&["-n", ns, "link", "set", e.dev, "up"])?;
-        ip(&[
-            "-n", ns, "route", "replace", e.route_to, "via", e.via, "dev", e.dev,
-        ])
-    }
-
-    fn link_down(&self, l: usize) -> Result<()> {
-        self.end_down(LINKS[l][0])?;
-        self.end_down(LINKS[l][1])
-    }
-
-    fn link_up(&self, l: usize) -> Result<()> {
-        self.end_up(LINKS[l][0])?;
-        self.end_up(LINKS[l][1])
-    }
-
-    /// Every link of namespace `ns` down, at its own end.
-    fn isolate(&self, ns: usize) -> Result<()> {
-        for link in LINKS {
-            for e in link {
-                if e.ns == ns {
-                    self.end_down(e)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for n in &self.names {
-            if let Err(e) = ip(&["netns", "del", n]) {
-                eprintln!("cleanup: {e:#}");
-            }
-        }
-    }
-}
-
-/// A process in a namespace (`ip netns exec` execs it, so the pid is the
-/// process itself), SIGKILLed and reaped on drop.
-#[derive(Debug)]
-struct Proc {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn spawn(ns: &str, args: &[&str], out: PathBuf, err: PathBuf) -> Result<Proc> {
-        let child = ProcessCommand::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(fmq_bin())
-            .args(args)
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(File::create(&out)?)
-            .stderr(File::create(&err)?)
-            .spawn()
-            .context("spawn ip netns exec fmq")?;
-        Ok(Proc { child, out, err })
-    }
-
-    fn tail(&self, lines: usize) -> String {
-        format!(
-            "--- {} ---\n{}\n--- {} ---\n{}",
-            self.out.display(),
-            tail_file(&self.out, lines),
-            self.err.display(),
-            tail_file(&self.err, lines)
-        )
-    }
-
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One server of the pair.
@@ -373,7 +117,12 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        let net = Net::new();
+        let net = Net::new("t11", false).unwrap_or_else(|e| {
+            panic!(
+                "cannot set up the network namespaces: these tests need root \
+                 (CAP_SYS_ADMIN and CAP_NET_ADMIN) and the `ip` tool: {e:#}"
+            )
+        });
         let root = tempfile::Builder::new()
             .prefix("fmq-ha-netns-")
             .tempdir()
@@ -489,8 +238,8 @@ max_wait_timeout = 10000
     fn start_gateway(&mut self) -> Result<()> {
         let root = self.root.path();
         let listen = format!("{GATEWAY_IP}:{GATEWAY_PORT}");
-        let gw = Proc::spawn(
-            self.net.ns(NS_G),
+        let gw = self.net.spawn_fmq(
+            NS_G,
             &["gateway", "--listen", &listen],
             root.join("gateway.out"),
             root.join("gateway.err"),
@@ -502,35 +251,16 @@ max_wait_timeout = 10000
     /// Spawns server `i` and waits until its admin port answers.
     fn start(&mut self, i: usize) -> Result<()> {
         let root = self.root.path().to_path_buf();
+        let ns = if i == PRIMARY { NS_A } else { NS_B };
         let node = &mut self.nodes[i];
         let dir = root.join(node.name).display().to_string();
-        node.proc_ = Some(Proc::spawn(
-            &node.ns,
+        node.proc_ = Some(self.net.spawn_fmq(
+            ns,
             &["-profile", &dir],
             root.join(format!("{}.out", node.name)),
             root.join(format!("{}.err", node.name)),
         )?);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.nodes[i].proc_.as_mut().is_some_and(Proc::exited) {
-                bail!(
-                    "{} exited during start-up:\n{}",
-                    self.nodes[i].name,
-                    self.logs()
-                );
-            }
-            if self.status(i, Duration::from_millis(1000)).is_some() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not answer status within 30 s:\n{}",
-                    self.nodes[i].name,
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_answering(i)
     }
 
     fn start_all(&mut self) -> Result<()> {
@@ -543,85 +273,26 @@ max_wait_timeout = 10000
         drop(self.nodes[i].proc_.take());
     }
 
-    fn status(&self, i: usize, wait: Duration) -> Option<Value> {
+    /// A poll of server `i`'s `ha.state` for [`Samplers`].
+    fn poll(&self, i: usize) -> impl Fn() -> Option<String> + Send + 'static {
         let n = &self.nodes[i];
-        ns_status(&n.ns, n.ip, n.admin, wait)
+        let (ns, ip, admin) = (n.ns.clone(), n.ip, n.admin);
+        move || ns_status(&ns, ip, admin, Duration::from_millis(300)).and_then(|s| ha_state(&s))
+    }
+}
+
+impl HaPair for Pair {
+    fn status(&self, i: usize) -> Option<Value> {
+        let n = &self.nodes[i];
+        ns_status(&n.ns, n.ip, n.admin, Duration::from_millis(1000))
     }
 
-    /// `ha` object of server `i`; an error if it does not answer.
-    fn ha(&self, i: usize) -> Result<Value> {
-        self.status(i, Duration::from_millis(1000))
-            .map(|v| v["ha"].clone())
-            .ok_or_else(|| anyhow!("{} does not answer status", self.nodes[i].name))
+    fn name(&self, i: usize) -> &str {
+        self.nodes[i].name
     }
 
-    fn state(&self, i: usize) -> Option<String> {
-        self.status(i, Duration::from_millis(1000))
-            .and_then(|v| v["ha"]["state"].as_str().map(str::to_owned))
-    }
-
-    /// Waits until exactly one server is ACTIVE and the other PASSIVE;
-    /// returns (active, passive).
-    fn wait_roles(&self, within: Duration) -> Result<(usize, usize)> {
-        let deadline = Instant::now() + within;
-        loop {
-            let s = [self.state(PRIMARY), self.state(SECONDARY)];
-            match (s[0].as_deref(), s[1].as_deref()) {
-                (Some("ACTIVE"), Some("PASSIVE")) => return Ok((PRIMARY, SECONDARY)),
-                (Some("PASSIVE"), Some("ACTIVE")) => return Ok((SECONDARY, PRIMARY)),
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no ACTIVE/PASSIVE pair within {within:?} (primary {:?}, secondary {:?}):\n{}",
-                    s[0],
-                    s[1],
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits until `pred` holds for the `ha` object of server `i`; returns
-    /// how long it took.
-    fn wait_ha(
-        &self,
-        i: usize,
-        what: &str,
-        within: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Duration> {
-        let start = Instant::now();
-        let mut last = Value::Null;
-        loop {
-            if let Some(v) = self.status(i, Duration::from_millis(500)) {
-                if pred(&v["ha"]) {
-                    return Ok(start.elapsed());
-                }
-                last = v["ha"].clone();
-            }
-            if start.elapsed() > within {
-                bail!(
-                    "{}: not {what} within {within:?} (last ha: {last}):\n{}",
-                    self.nodes[i].name,
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    fn wait_state(&self, i: usize, state: &str, within: Duration) -> Result<Duration> {
-        self.wait_ha(i, state, within, |ha| ha["state"] == state)
-    }
-
-    /// Both servers see the HA link up.
-    fn wait_link_up(&self, within: Duration) -> Result<()> {
-        for i in [PRIMARY, SECONDARY] {
-            self.wait_ha(i, "link_up", within, |ha| ha["link_up"] == true)?;
-        }
-        Ok(())
+    fn process(&self, i: usize) -> Option<&Proc> {
+        self.nodes[i].proc_.as_ref()
     }
 
     fn logs(&self) -> String {
@@ -647,54 +318,6 @@ max_wait_timeout = 10000
     }
 }
 
-/// Polls server `i` every 50 ms until `stop`.
-fn sampler(
-    ns: String,
-    ip: &'static str,
-    admin: u16,
-    t0: Instant,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Sample>> {
-    sample_states(
-        move || {
-            ns_status(&ns, ip, admin, Duration::from_millis(300))
-                .and_then(|s| s["ha"]["state"].as_str().map(str::to_owned))
-        },
-        t0,
-        stop,
-    )
-}
-
-fn start_sampler(
-    pair: &Pair,
-    i: usize,
-    t0: Instant,
-    stop: &Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Vec<Sample>> {
-    let n = &pair.nodes[i];
-    sampler(n.ns.clone(), n.ip, n.admin, t0, stop.clone())
-}
-
-/// The state changes of a sample series, for messages.
-fn show(v: &[Sample]) -> String {
-    let mut out = String::new();
-    let mut last: Option<&Option<String>> = None;
-    for (t, s) in v {
-        if last != Some(s) {
-            out += &format!(" {}ms:{}", t.as_millis(), s.as_deref().unwrap_or("-"));
-            last = Some(s);
-        }
-    }
-    out
-}
-
-/// The first sample at or after `from` with state `state`.
-fn first_at(v: &[Sample], from: Duration, state: &str) -> Option<Duration> {
-    v.iter()
-        .find(|(t, s)| *t >= from && s.as_deref() == Some(state))
-        .map(|(t, _)| *t)
-}
-
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -706,9 +329,7 @@ fn active_isolated_from_everything_steps_down_and_the_other_takes_over() -> Resu
     pair.wait_link_up(Duration::from_secs(5))?;
 
     let t0 = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sa = start_sampler(&pair, active, t0, &stop);
-    let sp = start_sampler(&pair, passive, t0, &stop);
+    let samplers = Samplers::start([pair.poll(active), pair.poll(passive)], t0);
     std::thread::sleep(Duration::from_millis(300));
 
     let cut_at = t0.elapsed();
@@ -717,9 +338,10 @@ fn active_isolated_from_everything_steps_down_and_the_other_takes_over() -> Resu
     let stepped = pair.wait_state(active, "PASSIVE", Duration::from_secs(5));
     let took = pair.wait_state(passive, "ACTIVE", Duration::from_secs(6));
     std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    let a = sa.join().map_err(|_| anyhow!("sampler panicked"))?;
-    let p = sp.join().map_err(|_| anyhow!("sampler panicked"))?;
+    let [a, p]: [Vec<Sample>; 2] = samplers
+        .finish()?
+        .try_into()
+        .map_err(|_| anyhow!("two sample series"))?;
     println!(
         "isolated {} at {} ms\n  {} (isolated):{}\n  {}:{}",
         pair.nodes[active].name,

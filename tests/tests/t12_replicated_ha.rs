@@ -30,28 +30,36 @@
 //! contention rather than failover.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command as ProcessCommand;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fmq_tests::{
-    describe, fmq_bin, free_port, output_text, quick_status, run_fmq, set_toml_key, tail_file,
-    workspace_root, Command, Frame, Proc, Stomp,
+use fmq_tests::load::{
+    body_for, drain_pipelined, duplicates, expect_refusal, first_receipt_from, sample, Consumer,
+    Producers, Workload, LOGIN,
 };
+use fmq_tests::pair::{position, HaPair, LocalPair, PRIMARY, SECONDARY};
+use fmq_tests::{describe, output_text, replicated_profile, run_fmq, Command, Frame, Stomp};
 use futures::SinkExt;
-use nix::sys::signal::Signal;
 use serde_json::Value;
 
-const PRIMARY: usize = 0;
-const SECONDARY: usize = 1;
 /// How long a WAITING server waits for its peer (the shipped value).
 const MAX_WAIT_MS: u64 = 3000;
 const BODY_LEN: usize = 512;
-const LOGIN: [(&str, &str); 2] = [("login", "admin"), ("passcode", "passwd")];
+
+/// The failover tests' clients: one SEND at a time, patient receipts, and
+/// a consumer a little slower than the producers (a backlog builds).
+fn load(dest: &'static str) -> Workload {
+    Workload {
+        connect_timeout: Duration::from_secs(5),
+        receipt_timeout: Duration::from_secs(20),
+        ack_pause: Duration::from_millis(2),
+        ..Workload::new(dest, BODY_LEN)
+    }
+}
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -60,419 +68,25 @@ async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
-/// One server of the pair.
-#[derive(Debug)]
-struct Node {
-    name: &'static str,
-    /// "Primary" or "Secondary", as the console lines say.
-    title: &'static str,
-    dir: PathBuf,
-    port: u16,
-    admin: u16,
-    ha: u16,
-    proc_: Option<Proc>,
-    starts: u32,
-}
-
-impl Node {
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-}
-
 /// A gateway, two servers with their own stores and a lock file in a
-/// temporary directory laid out like `profiles/FerroMQ_HA_rpl`.
-#[derive(Debug)]
-struct Pair {
-    root: tempfile::TempDir,
-    gw_port: u16,
-    gateway: Option<Proc>,
-    nodes: [Node; 2],
+/// temporary directory laid out like `profiles/FerroMQ_HA_rpl`: the shipped
+/// profiles with free ports, an absolute lock file and the shipped
+/// `max_wait_timeout`; the lock file created empty, as the operator does.
+fn new_pair() -> LocalPair {
+    pair_with_ha(&[])
 }
 
-impl Pair {
-    /// Profiles from the shipped ones with free ports; the lock file is
-    /// created empty, as the operator does.
-    fn new() -> Pair {
-        Pair::with_ha(&[])
+/// Like [`new_pair`], with `[ha]` keys changed in both profiles.
+fn pair_with_ha(ha: &[(&str, &str)]) -> LocalPair {
+    let pair = LocalPair::new("fmq-rpl-test-");
+    pair.create_lock_file();
+    for i in [PRIMARY, SECONDARY] {
+        let mut changes: Vec<(&str, &str, String)> = pair.local_changes(i);
+        changes.push(("ha", "max_wait_timeout", MAX_WAIT_MS.to_string()));
+        changes.extend(ha.iter().map(|(k, v)| ("ha", *k, v.to_string())));
+        pair.write_profile(i, &replicated_profile(pair.nodes[i].name, &changes));
     }
-
-    /// Like [`new`](Self::new), with `[ha]` keys changed in both profiles.
-    fn with_ha(ha: &[(&str, &str)]) -> Pair {
-        let root = tempfile::Builder::new()
-            .prefix("fmq-rpl-test-")
-            .tempdir()
-            .expect("temp dir");
-        let mk = |name: &'static str, title: &'static str| Node {
-            name,
-            title,
-            dir: root.path().join(name),
-            port: free_port(),
-            admin: free_port(),
-            ha: free_port(),
-            proc_: None,
-            starts: 0,
-        };
-        let pair = Pair {
-            gw_port: free_port(),
-            gateway: None,
-            nodes: [mk("HAPrimary", "Primary"), mk("HASecondary", "Secondary")],
-            root,
-        };
-        std::fs::create_dir_all(pair.root.path().join("lock")).expect("mkdir lock");
-        std::fs::File::create(pair.lock_path()).expect("create lock file");
-        for i in [PRIMARY, SECONDARY] {
-            std::fs::create_dir_all(&pair.nodes[i].dir).expect("mkdir profile");
-            let mut text = pair.shipped_with_ports(i);
-            for (k, v) in ha {
-                text = set_toml_key(&text, "ha", k, v);
-            }
-            std::fs::write(pair.nodes[i].dir.join("fmq.toml"), text).expect("write profile");
-        }
-        pair
-    }
-
-    fn lock_path(&self) -> PathBuf {
-        self.root.path().join("lock/lock.dat")
-    }
-
-    /// The shipped profile of node `i` with this pair's ports.
-    fn shipped_with_ports(&self, i: usize) -> String {
-        let (me, peer) = (&self.nodes[i], &self.nodes[1 - i]);
-        let shipped = workspace_root()
-            .join("profiles/FerroMQ_HA_rpl")
-            .join(me.name)
-            .join("fmq.toml");
-        let mut t = std::fs::read_to_string(&shipped)
-            .unwrap_or_else(|e| panic!("read {}: {e}", shipped.display()));
-        assert!(
-            t.contains("mode = \"replicated\""),
-            "{} is not a replicated profile",
-            shipped.display()
-        );
-        for (section, key, value) in [
-            ("network", "port", me.port),
-            ("network", "admin_port", me.admin),
-            ("ha", "port", me.ha),
-            ("ha", "backup_ha_port", peer.ha),
-            ("ha", "backup_server_port", peer.port),
-            ("ha", "backup_rmi_server_port", peer.admin),
-            ("ha", "gateway_server_port", self.gw_port),
-        ] {
-            t = set_toml_key(&t, section, key, &value.to_string());
-        }
-        t = set_toml_key(&t, "ha", "max_wait_timeout", &MAX_WAIT_MS.to_string());
-        // Absolute: the shipped relative `../lock/lock.dat` resolves to a
-        // different text in each profile, and the handshake compares it.
-        let lock = format!("{:?}", self.lock_path().display().to_string());
-        t = set_toml_key(&t, "ha", "lock_file", &lock);
-        set_toml_key(&t, "log", "file", "false")
-    }
-
-    /// `<profile>/run`: the parent of the store directory.
-    fn run_dir(&self, i: usize) -> PathBuf {
-        self.nodes[i].dir.join("run")
-    }
-
-    /// The store directory (the shipped relative `run/db`).
-    fn db(&self, i: usize) -> PathBuf {
-        self.run_dir(i).join("db")
-    }
-
-    fn start_gateway(&mut self) -> Result<()> {
-        let root = self.root.path();
-        let listen = format!("127.0.0.1:{}", self.gw_port);
-        let gw = Proc::spawn(
-            ProcessCommand::new(fmq_bin()).args(["gateway", "--listen", &listen]),
-            root.join("gateway.out"),
-            root.join("gateway.err"),
-        )?;
-        self.gateway = Some(gw);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.gw_port));
-        while StdTcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "fmq gateway did not listen on {listen}:\n{}",
-                    self.gateway
-                        .as_ref()
-                        .map(|g| g.tail(20))
-                        .unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    /// Spawns server `i` without waiting.
-    fn spawn(&mut self, i: usize) -> Result<()> {
-        let root = self.root.path().to_path_buf();
-        let node = &mut self.nodes[i];
-        node.starts += 1;
-        let tag = format!("{}-{}", node.name, node.starts);
-        let p = Proc::spawn(
-            ProcessCommand::new(fmq_bin())
-                .arg("-profile")
-                .arg(&node.dir),
-            root.join(format!("{tag}.out")),
-            root.join(format!("{tag}.err")),
-        )?;
-        node.proc_ = Some(p);
-        Ok(())
-    }
-
-    /// Waits until server `i` answers on its admin port.
-    fn wait_admin(&mut self, i: usize) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let exited = self.nodes[i].proc_.as_ref().and_then(Proc::exited);
-            if let Some(status) = exited {
-                bail!(
-                    "{} exited during start-up with {status}:\n{}",
-                    self.nodes[i].name,
-                    self.logs()
-                );
-            }
-            if quick_status(self.nodes[i].admin, Duration::from_millis(500)).is_some() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not answer on admin port {} within 30 s:\n{}",
-                    self.nodes[i].name,
-                    self.nodes[i].admin,
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Spawns server `i` and waits until its admin port answers.
-    fn start(&mut self, i: usize) -> Result<()> {
-        self.spawn(i)?;
-        self.wait_admin(i)
-    }
-
-    /// Spawns both servers at once (so they meet well within
-    /// `max_wait_timeout`), then waits for both admin ports.
-    fn start_both(&mut self) -> Result<()> {
-        self.spawn(PRIMARY)?;
-        self.spawn(SECONDARY)?;
-        self.wait_admin(PRIMARY)?;
-        self.wait_admin(SECONDARY)
-    }
-
-    fn start_all(&mut self) -> Result<()> {
-        self.start_gateway()?;
-        self.start_both()
-    }
-
-    /// SIGKILL server `i` and reap it.
-    fn kill9(&mut self, i: usize) {
-        if let Some(p) = self.nodes[i].proc_.take() {
-            p.signal(Signal::SIGKILL);
-            drop(p);
-        }
-    }
-
-    fn status(&self, i: usize) -> Option<Value> {
-        quick_status(self.nodes[i].admin, Duration::from_millis(1000))
-    }
-
-    /// `ha.state` of server `i`, if it answers.
-    fn state(&self, i: usize) -> Option<String> {
-        self.status(i)
-            .and_then(|v| v["ha"]["state"].as_str().map(str::to_owned))
-    }
-
-    /// Fails at once, with the logs, if server `i` was started and has
-    /// exited by itself (a crash, not a test's kill).
-    fn alive(&self, i: usize) -> Result<()> {
-        if let Some(status) = self.nodes[i].proc_.as_ref().and_then(Proc::exited) {
-            bail!(
-                "{} exited by itself ({status}):\n{}",
-                self.nodes[i].name,
-                self.logs()
-            );
-        }
-        Ok(())
-    }
-
-    /// [`alive`](Self::alive) for both (a server the test killed or
-    /// stopped counts as alive).
-    fn all_alive(&self) -> Result<()> {
-        self.alive(PRIMARY)?;
-        self.alive(SECONDARY)
-    }
-
-    /// Waits until exactly one server is ACTIVE and the other PASSIVE;
-    /// returns (active, passive).
-    fn wait_roles(&self, within: Duration) -> Result<(usize, usize)> {
-        let deadline = Instant::now() + within;
-        loop {
-            self.alive(PRIMARY)?;
-            self.alive(SECONDARY)?;
-            let s = [self.state(PRIMARY), self.state(SECONDARY)];
-            match (s[0].as_deref(), s[1].as_deref()) {
-                (Some("ACTIVE"), Some("PASSIVE")) => return Ok((PRIMARY, SECONDARY)),
-                (Some("PASSIVE"), Some("ACTIVE")) => return Ok((SECONDARY, PRIMARY)),
-                _ => {}
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no ACTIVE/PASSIVE pair within {within:?} (states: primary {:?}, secondary {:?}):\n{}",
-                    s[0],
-                    s[1],
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Waits until server `i`'s status satisfies `pred`; returns it.
-    fn wait_status(
-        &self,
-        i: usize,
-        what: &str,
-        within: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Value> {
-        let start = Instant::now();
-        loop {
-            self.alive(i)?;
-            let v = self.status(i);
-            if let Some(v) = &v {
-                if pred(v) {
-                    return Ok(v.clone());
-                }
-            }
-            if start.elapsed() > within {
-                bail!(
-                    "{}: not {what} within {within:?} (ha now {}):\n{}",
-                    self.nodes[i].name,
-                    v.map(|v| v["ha"].to_string()).unwrap_or_else(|| "-".into()),
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits until server `i` reports `state`; returns how long it took.
-    fn wait_state(&self, i: usize, state: &str, within: Duration) -> Result<Duration> {
-        let start = Instant::now();
-        self.wait_status(i, state, within, |v| v["ha"]["state"] == state)?;
-        Ok(start.elapsed())
-    }
-
-    /// `store_sequence` of serving server `i` (live, unlike `ha.position`,
-    /// which is refreshed every 500 ms).
-    fn store_sequence(&self, i: usize) -> Result<u64> {
-        self.status(i)
-            .and_then(|v| v["store_sequence"].as_u64())
-            .ok_or_else(|| anyhow!("{} reports no store_sequence", self.nodes[i].name))
-    }
-
-    /// Waits until both servers report the same repository position, at
-    /// least at `min_sequence`, twice 600 ms apart (`ha.position` is
-    /// refreshed every 500 ms); returns it.
-    fn wait_same_position(&self, min_sequence: u64, within: Duration) -> Result<(u64, u64)> {
-        let deadline = Instant::now() + within;
-        let mut candidate: Option<(u64, u64)> = None;
-        loop {
-            self.alive(PRIMARY)?;
-            self.alive(SECONDARY)?;
-            let (a, b) = (self.status(PRIMARY), self.status(SECONDARY));
-            let pa = a.as_ref().and_then(position);
-            let pb = b.as_ref().and_then(position);
-            match (pa, pb) {
-                (Some(x), Some(y)) if x == y && x.1 >= min_sequence => {
-                    if candidate == Some(x) {
-                        return Ok(x);
-                    }
-                    candidate = Some(x);
-                    std::thread::sleep(Duration::from_millis(600));
-                    continue;
-                }
-                _ => candidate = None,
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "positions differ (or below sequence {min_sequence}) after {within:?}: primary {pa:?} secondary {pb:?}\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Console output of server `i`'s current (or last) run.
-    fn output(&self, i: usize) -> String {
-        self.output_of_run(i, self.nodes[i].starts)
-    }
-
-    /// Console output of run `k` (1-based) of server `i`.
-    fn output_of_run(&self, i: usize, k: u32) -> String {
-        let tag = format!("{}-{k}", self.nodes[i].name);
-        let root = self.root.path();
-        format!(
-            "{}{}",
-            std::fs::read_to_string(root.join(format!("{tag}.out"))).unwrap_or_default(),
-            std::fs::read_to_string(root.join(format!("{tag}.err"))).unwrap_or_default()
-        )
-    }
-
-    /// The end of every process's console output, for failure messages.
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        let root = self.root.path();
-        for n in &self.nodes {
-            for k in 1..=n.starts {
-                let tag = format!("{}-{k}", n.name);
-                let now = match (&n.proc_, k == n.starts) {
-                    (Some(p), true) => match p.exited() {
-                        None => format!(" (running, pid {})", p.pid()),
-                        Some(status) => format!(" (pid {} EXITED by itself: {status})", p.pid()),
-                    },
-                    _ => " (stopped by the test)".to_owned(),
-                };
-                s += &format!(
-                    "===== {tag}{now}\n{}\n{}\n",
-                    tail_file(&root.join(format!("{tag}.out")), 40),
-                    stderr_summary(&root.join(format!("{tag}.err")))
-                );
-            }
-        }
-        if let Some(g) = &self.gateway {
-            s += &format!("===== gateway\n{}\n", g.tail(10));
-        }
-        s
-    }
-}
-
-/// The end of a server's stderr, with a panic's message first (its
-/// backtrace may be long).
-fn stderr_summary(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let panic: Vec<&str> = text
-        .lines()
-        .skip_while(|l| !l.contains("panicked at"))
-        .take(3)
-        .collect();
-    if panic.is_empty() {
-        tail_file(path, 10)
-    } else {
-        format!("{}\n[...]\n{}", panic.join("\n"), tail_file(path, 5))
-    }
-}
-
-/// `ha.position` as (epoch, sequence).
-fn position(status: &Value) -> Option<(u64, u64)> {
-    let p = &status["ha"]["position"];
-    Some((p["epoch"].as_u64()?, p["sequence"].as_u64()?))
+    pair
 }
 
 /// Checks that `text` has lines matching `wanted` in this order; a needle
@@ -492,32 +106,6 @@ fn lines_in_order(text: &str, wanted: &[&str]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A body derived from the message id, so corruption shows.
-fn body_for(id: &str) -> Vec<u8> {
-    let seed = id.as_bytes();
-    (0..BODY_LEN)
-        .map(|i| seed[i % seed.len()] ^ (i as u8))
-        .collect()
-}
-
-/// CONNECT to a server that does not serve: expects an ERROR whose
-/// `message` names `state`, then the connection closed.
-async fn expect_refusal(addr: SocketAddr, state: &str) -> Result<()> {
-    let (mut c, reply) = Stomp::connect_frame(addr, &LOGIN).await?;
-    if reply.command != Command::Error {
-        bail!("{state} server accepted CONNECT: {}", describe(&reply));
-    }
-    let msg = reply.get("message").unwrap_or_default();
-    if !msg.contains(state) {
-        bail!("ERROR does not name {state}: {}", describe(&reply));
-    }
-    match c.recv_within(Duration::from_secs(5)).await {
-        Err(_) => Ok(()),
-        Ok(None) => bail!("{state} server kept the connection open after its ERROR"),
-        Ok(Some(f)) => bail!("frame after the ERROR: {}", describe(&f)),
-    }
 }
 
 /// Sends `count` receipted persistent messages `{prefix}-N` to `dest` on one
@@ -542,7 +130,7 @@ async fn send_bulk(
                 .header("persistent", "true")
                 .header("x-id", id.as_str())
                 .header("receipt", id.as_str())
-                .with_body(body_for(&id));
+                .with_body(body_for(&id, BODY_LEN));
             c.io.feed(frame).await.context("write SEND")?;
             next += 1;
             outstanding += 1;
@@ -597,58 +185,9 @@ async fn send_bulk_parallel(
     Ok(all)
 }
 
-/// Drains `dest` (client-individual, ACKs pipelined) until idle for 3 s;
-/// returns each delivery's id in order; checks the bodies.
-async fn drain(addr: SocketAddr, dest: &str) -> Result<Vec<String>> {
-    let mut conn = Stomp::connect_with(addr, &LOGIN).await?;
-    conn.subscribe(
-        "drain",
-        dest,
-        "client-individual",
-        &[("activemq.prefetchSize", "500")],
-    )
-    .await?;
-    let mut got = Vec::new();
-    while let Some(f) = conn.message_within(Duration::from_secs(3)).await? {
-        let id = f
-            .get("x-id")
-            .ok_or_else(|| anyhow!("MESSAGE without x-id: {}", describe(&f)))?
-            .to_owned();
-        if f.body.as_ref() != body_for(&id).as_slice() {
-            bail!("corrupt body of {id}");
-        }
-        conn.send(Frame::new(Command::Ack).header("id", f.get("ack").unwrap_or_default()))
-            .await?;
-        got.push(id);
-    }
-    conn.request(
-        Frame::new(Command::Unsubscribe).header("id", "drain"),
-        "unsub",
-    )
-    .await?;
-    conn.disconnect().await?;
-    Ok(got)
-}
-
-fn duplicates(ids: &[String]) -> Vec<String> {
-    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in ids {
-        *count.entry(s).or_default() += 1;
-    }
-    count
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .map(|(s, n)| format!("{s}x{n}"))
-        .collect()
-}
-
-fn sample<'a>(v: impl IntoIterator<Item = &'a String>) -> Vec<&'a String> {
-    v.into_iter().take(10).collect()
-}
-
 /// (epoch, sequence) of serving server `i` from its live figures
 /// (`ha.epoch`, `store_sequence`) rather than the 500 ms `ha.position`.
-fn live_position(pair: &Pair, i: usize) -> Result<(u64, u64)> {
+fn live_position(pair: &LocalPair, i: usize) -> Result<(u64, u64)> {
     let v = pair
         .status(i)
         .ok_or_else(|| anyhow!("{} does not answer status", pair.nodes[i].name))?;
@@ -659,7 +198,7 @@ fn live_position(pair: &Pair, i: usize) -> Result<(u64, u64)> {
 }
 
 /// `pending` of `/queue/NAME` on server `i` (`None`: no such queue).
-fn pending(pair: &Pair, i: usize, dest: &str) -> Result<Option<u64>> {
+fn pending(pair: &LocalPair, i: usize, dest: &str) -> Result<Option<u64>> {
     let v = pair
         .status(i)
         .ok_or_else(|| anyhow!("{} does not answer status", pair.nodes[i].name))?;
@@ -672,235 +211,11 @@ fn pending(pair: &Pair, i: usize, dest: &str) -> Result<Option<u64>> {
 }
 
 // ---------------------------------------------------------------------------
-// Load under failover
-
-/// A receipted SEND: id, which server receipted it, when.
-#[derive(Debug, Clone)]
-struct Receipted {
-    id: String,
-    server: usize,
-    at: Instant,
-}
-
-#[derive(Debug, Default)]
-struct ProducerReport {
-    receipted: Vec<Receipted>,
-    /// SENDs whose receipt never came: may or may not be in the queue.
-    unreceipted: Vec<String>,
-    connect_attempts: u64,
-}
-
-/// Sends receipted persistent messages to `dest`, one at a time, to
-/// `first`'s port until `stop`; on any error it switches to the other
-/// server and retries CONNECT there every 50 ms. An unreceipted SEND is not
-/// resent, so every id is sent at most once.
-async fn producer(
-    n: usize,
-    dest: &'static str,
-    ports: [SocketAddr; 2],
-    first: usize,
-    stop: Arc<AtomicBool>,
-    live: Arc<Mutex<Vec<Receipted>>>,
-) -> ProducerReport {
-    let mut report = ProducerReport::default();
-    let mut target = first;
-    let mut conn: Option<Stomp> = None;
-    let mut i = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let c = match conn.as_mut() {
-            Some(c) => c,
-            None => {
-                report.connect_attempts += 1;
-                let attempt = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    Stomp::connect_frame(ports[target], &LOGIN),
-                )
-                .await;
-                match attempt {
-                    Ok(Ok((c, reply))) if reply.command == Command::Connected => conn.insert(c),
-                    _ => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                }
-            }
-        };
-        let id = format!("p{n}-{i}");
-        i += 1;
-        let frame = Frame::new(Command::Send)
-            .header("destination", dest)
-            .header("persistent", "true")
-            .header("x-id", id.as_str())
-            .with_body(body_for(&id));
-        let sent = tokio::time::timeout(Duration::from_secs(20), c.request(frame, &id)).await;
-        match sent {
-            Ok(Ok(())) => {
-                let r = Receipted {
-                    id,
-                    server: target,
-                    at: Instant::now(),
-                };
-                live.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(r.clone());
-                report.receipted.push(r);
-            }
-            _ => {
-                report.unreceipted.push(id);
-                conn = None;
-                target = 1 - target;
-            }
-        }
-    }
-    if let Some(c) = conn {
-        let _ = c.disconnect().await;
-    }
-    report
-}
-
-/// Collects the producers' reports after `stop`.
-async fn join_producers(
-    producers: Vec<tokio::task::JoinHandle<ProducerReport>>,
-) -> Result<Vec<ProducerReport>> {
-    let mut reports = Vec::new();
-    for p in producers {
-        reports.push(
-            tokio::time::timeout(Duration::from_secs(60), p)
-                .await
-                .map_err(|_| anyhow!("a producer did not stop within 60 s"))??,
-        );
-    }
-    Ok(reports)
-}
-
-#[derive(Debug, Default)]
-struct ConsumerLog {
-    /// Every delivery: id, when, from which server (repeats kept).
-    deliveries: Vec<(String, Instant, usize)>,
-    ack_sent: BTreeSet<String>,
-    /// When each ACK's RECEIPT came.
-    ack_receipted: BTreeMap<String, Instant>,
-    connects: u64,
-    corrupt: Vec<String>,
-    errors: Vec<String>,
-}
-
-/// Consumes `dest` with client-individual ACKs, each with a receipt
-/// (pipelined), until `stop`. On any failure it reconnects, trying the two
-/// servers in turn every 50 ms, and subscribes again.
-async fn consumer(
-    dest: &'static str,
-    ports: [SocketAddr; 2],
-    first: usize,
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<ConsumerLog>>,
-) {
-    let mut target = first;
-    let mut receipt_no = 0u64;
-    'outer: while !stop.load(Ordering::Relaxed) {
-        let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-            let mut c = Stomp::connect_with(ports[target], &LOGIN).await?;
-            c.subscribe(
-                "live",
-                dest,
-                "client-individual",
-                &[("activemq.prefetchSize", "20")],
-            )
-            .await?;
-            Ok::<Stomp, anyhow::Error>(c)
-        })
-        .await;
-        let mut c = match attempt {
-            Ok(Ok(c)) => c,
-            _ => {
-                target = 1 - target;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let server = target;
-        log.lock().unwrap_or_else(|e| e.into_inner()).connects += 1;
-        let mut pending: BTreeMap<String, String> = BTreeMap::new();
-        while !stop.load(Ordering::Relaxed) {
-            let f = match c.recv_within(Duration::from_millis(200)).await {
-                Err(_) => {
-                    target = 1 - target;
-                    continue 'outer;
-                }
-                Ok(None) => continue,
-                Ok(Some(f)) => f,
-            };
-            match f.command {
-                Command::Message => {
-                    let id = f.get("x-id").unwrap_or("?").to_owned();
-                    let ack = f.get("ack").unwrap_or_default().to_owned();
-                    receipt_no += 1;
-                    let receipt = format!("a{receipt_no}");
-                    {
-                        let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
-                        if f.body.as_ref() != body_for(&id).as_slice() {
-                            l.corrupt.push(id.clone());
-                        }
-                        l.deliveries.push((id.clone(), Instant::now(), server));
-                        l.ack_sent.insert(id.clone());
-                    }
-                    pending.insert(receipt.clone(), id);
-                    let ackf = Frame::new(Command::Ack)
-                        .header("id", ack)
-                        .header("receipt", receipt);
-                    if c.send(ackf).await.is_err() {
-                        target = 1 - target;
-                        continue 'outer;
-                    }
-                    // A little slower than the producers: a backlog builds.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Command::Receipt => {
-                    let rid = f.get("receipt-id").unwrap_or_default();
-                    if let Some(id) = pending.remove(rid) {
-                        log.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .ack_receipted
-                            .insert(id, Instant::now());
-                    }
-                }
-                _ => {
-                    log.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .errors
-                        .push(describe(&f));
-                    target = 1 - target;
-                    continue 'outer;
-                }
-            }
-        }
-        // Stopping: let the last ACK receipts arrive.
-        let until = Instant::now() + Duration::from_secs(5);
-        while !pending.is_empty() && Instant::now() < until {
-            match c.recv_within(Duration::from_millis(200)).await {
-                Ok(Some(f)) if f.command == Command::Receipt => {
-                    let rid = f.get("receipt-id").unwrap_or_default();
-                    if let Some(id) = pending.remove(rid) {
-                        log.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .ack_receipted
-                            .insert(id, Instant::now());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        let _ = c.disconnect().await;
-    }
-}
-
-// ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_start_one_active_one_passive() -> Result<()> {
     let _serial = serial().await;
-    let mut pair = Pair::new();
+    let mut pair = new_pair();
     let t0 = Instant::now();
     pair.start_all()?;
     let (active, passive) = pair.wait_roles(Duration::from_secs(10))?;
@@ -1050,28 +365,21 @@ async fn kill9_active_under_receipted_load() -> Result<()> {
     const DEST: &str = "/queue/rpl.failover";
     const PRODUCERS: usize = 3;
     let _serial = serial().await;
-    let mut pair = Pair::new();
+    let mut pair = new_pair();
     pair.start_all()?;
     let (old, new) = pair.wait_roles(Duration::from_secs(10))?;
     let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
 
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Mutex::new(Vec::new()));
-    let producers: Vec<_> = (0..PRODUCERS)
-        .map(|n| tokio::spawn(producer(n, DEST, addrs, old, stop.clone(), live.clone())))
-        .collect();
-    let clog = Arc::new(Mutex::new(ConsumerLog::default()));
-    let consumer_task = tokio::spawn(consumer(DEST, addrs, old, stop.clone(), clog.clone()));
+    let producers = Producers::start(PRODUCERS, load(DEST), addrs, old, &stop, &live);
+    let consumer = Consumer::start(load(DEST), addrs, old, &stop);
 
     // Let the load run, then kill the ACTIVE.
     let warm = Instant::now();
     loop {
         let sent = live.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let acked = clog
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ack_receipted
-            .len();
+        let acked = consumer.log().ack_receipted.len();
         if sent >= 300 && acked >= 50 && warm.elapsed() > Duration::from_secs(1) {
             break;
         }
@@ -1097,17 +405,7 @@ async fn kill9_active_under_receipted_load() -> Result<()> {
     // Every producer gets receipts from it, then the load goes on a while.
     let deadline = killed_at + Duration::from_secs(30);
     let first_receipt = loop {
-        let first = {
-            let l = live.lock().unwrap_or_else(|e| e.into_inner());
-            let after: Vec<&Receipted> = l
-                .iter()
-                .filter(|r| r.server == new && r.at > killed_at)
-                .collect();
-            let all =
-                (0..PRODUCERS).all(|n| after.iter().any(|r| r.id.starts_with(&format!("p{n}-"))));
-            all.then(|| after.iter().map(|r| r.at).min()).flatten()
-        };
-        if let Some(t) = first {
+        if let Some(t) = first_receipt_from(&live, PRODUCERS, new, killed_at) {
             break t;
         }
         if Instant::now() > deadline {
@@ -1122,11 +420,8 @@ async fn kill9_active_under_receipted_load() -> Result<()> {
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, Ordering::Relaxed);
-    let reports = join_producers(producers).await?;
-    tokio::time::timeout(Duration::from_secs(60), consumer_task)
-        .await
-        .map_err(|_| anyhow!("the consumer did not stop within 60 s"))??;
-    let cl = std::mem::take(&mut *clog.lock().unwrap_or_else(|e| e.into_inner()));
+    let reports = producers.finish().await?;
+    let cl = consumer.finish().await?;
 
     let v = pair
         .status(new)
@@ -1147,7 +442,7 @@ async fn kill9_active_under_receipted_load() -> Result<()> {
 
     // Drain what is left from the survivor.
     let drain_start = Instant::now();
-    let drained = drain(pair.nodes[new].addr(), DEST).await?;
+    let drained = drain_pipelined(pair.nodes[new].addr(), DEST, BODY_LEN).await?;
     let drain_time = drain_start.elapsed();
 
     let receipted: BTreeMap<String, usize> = reports
@@ -1322,7 +617,7 @@ async fn kill9_passive_and_restart_catches_up() -> Result<()> {
     const DEST: &str = "/queue/rpl.catchup";
     const N: usize = 20_000;
     let _serial = serial().await;
-    let mut pair = Pair::new();
+    let mut pair = new_pair();
     pair.start_all()?;
     let (active, passive) = pair.wait_roles(Duration::from_secs(10))?;
     let (ta, tp) = (pair.nodes[active].title, pair.nodes[passive].title);
@@ -1426,7 +721,7 @@ async fn kill9_passive_and_restart_catches_up() -> Result<()> {
         "queue depth on the caught-up server"
     );
     let t = Instant::now();
-    let drained = drain(pair.nodes[passive].addr(), DEST).await?;
+    let drained = drain_pipelined(pair.nodes[passive].addr(), DEST, BODY_LEN).await?;
     let drained_set: BTreeSet<&String> = drained.iter().collect();
     let lost: Vec<&String> = first
         .iter()
@@ -1467,8 +762,8 @@ async fn both_killed_newer_history_wins_and_divergent_saved() -> Result<()> {
     const N1: usize = 200;
     const N2: usize = 300;
     let _serial = serial().await;
-    let mut pair = Pair::new();
-    pair.start_gateway()?;
+    let mut pair = new_pair();
+    pair.start_gateway(Duration::from_secs(15))?;
 
     // The primary alone: WAITING (refusing clients), then STANDALONE once
     // max_wait_timeout has passed.
@@ -1618,12 +913,12 @@ async fn both_killed_newer_history_wins_and_divergent_saved() -> Result<()> {
     // The winner's history only: B has N2, A does not exist (or is empty).
     assert_eq!(pending(&pair, SECONDARY, QB)?, Some(N2 as u64));
     assert_eq!(pending(&pair, SECONDARY, QA)?.unwrap_or(0), 0);
-    let drained = drain(pair.nodes[SECONDARY].addr(), QB).await?;
+    let drained = drain_pipelined(pair.nodes[SECONDARY].addr(), QB, BODY_LEN).await?;
     let want: BTreeSet<&String> = b_ids.iter().collect();
     let got: BTreeSet<&String> = drained.iter().collect();
     assert_eq!(got, want, "queue B on the active");
     assert_eq!(drained.len(), N2, "duplicates in queue B");
-    let a_drained = drain(pair.nodes[SECONDARY].addr(), QA).await?;
+    let a_drained = drain_pipelined(pair.nodes[SECONDARY].addr(), QA, BODY_LEN).await?;
     assert!(
         a_drained.is_empty(),
         "queue A messages served by the newer history: {:?}",
@@ -1684,7 +979,7 @@ async fn both_killed_newer_history_wins_and_divergent_saved() -> Result<()> {
 async fn graceful_shutdown_of_active_hands_over() -> Result<()> {
     const DEST: &str = "/queue/rpl.shutdown";
     let _serial = serial().await;
-    let mut pair = Pair::new();
+    let mut pair = new_pair();
     pair.start_all()?;
     let (old, new) = pair.wait_roles(Duration::from_secs(10))?;
     let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
@@ -1693,7 +988,7 @@ async fn graceful_shutdown_of_active_hands_over() -> Result<()> {
     // A producer keeps sending through the hand-over.
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Mutex::new(Vec::new()));
-    let prod = tokio::spawn(producer(0, DEST, addrs, old, stop.clone(), live.clone()));
+    let prod = Producers::start(1, load(DEST), addrs, old, &stop, &live);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let port = pair.nodes[old].admin.to_string();
@@ -1732,7 +1027,7 @@ async fn graceful_shutdown_of_active_hands_over() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
-    let report = join_producers(vec![prod]).await?.remove(0);
+    let report = prod.finish().await?.remove(0);
 
     let status = status.ok_or_else(|| {
         anyhow!(
@@ -1764,7 +1059,7 @@ async fn graceful_shutdown_of_active_hands_over() -> Result<()> {
         .cloned()
         .chain(report.receipted.iter().map(|r| r.id.clone()))
         .collect();
-    let drained = drain(pair.nodes[new].addr(), DEST).await?;
+    let drained = drain_pipelined(pair.nodes[new].addr(), DEST, BODY_LEN).await?;
     let got: BTreeSet<&String> = drained.iter().collect();
     let lost: Vec<&String> = receipted.iter().filter(|id| !got.contains(id)).collect();
     let dups = duplicates(&drained);
@@ -1807,7 +1102,7 @@ async fn passive_behind_the_batch_log_gets_a_checkpoint() -> Result<()> {
     const LOG_BATCHES: u64 = 50;
     const N: usize = 300;
     let _serial = serial().await;
-    let mut pair = Pair::with_ha(&[("replication_log_batches", &LOG_BATCHES.to_string())]);
+    let mut pair = pair_with_ha(&[("replication_log_batches", &LOG_BATCHES.to_string())]);
     pair.start_all()?;
     let (active, passive) = pair.wait_roles(Duration::from_secs(10))?;
     let first = send_bulk(pair.nodes[active].addr(), DEST, "before", 20, 1).await?;
@@ -1896,7 +1191,7 @@ async fn passive_behind_the_batch_log_gets_a_checkpoint() -> Result<()> {
     // The checkpointed server alone has everything.
     pair.kill9(active);
     pair.wait_state(passive, "STANDALONE", Duration::from_secs(20))?;
-    let drained = drain(pair.nodes[passive].addr(), DEST).await?;
+    let drained = drain_pipelined(pair.nodes[passive].addr(), DEST, BODY_LEN).await?;
     let got: BTreeSet<&String> = drained.iter().collect();
     let lost: Vec<&String> = first
         .iter()

@@ -7,6 +7,11 @@
 //!     --addr 127.0.0.1:1856,127.0.0.1:1956 --login admin --passcode passwd \
 //!     --destination /queue/demo --count 100
 //! ```
+//!
+//! With `--buffer-dir DIR --client-id ID --offline-start` it also starts
+//! while no server is reachable: the sends wait in `DIR`, and a later run
+//! with the same directory and client-id delivers what an earlier run left
+//! there (before its own sends, with the same producer id and sequences).
 
 use std::time::{Duration, Instant};
 
@@ -35,6 +40,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(args.interval).await;
         }
     }
+    println!(
+        "{} sends made, {} waiting in the local buffer",
+        args.count,
+        connection.buffered()
+    );
     // Whatever went to the local buffer is delivered before we leave.
     connection.flush(Duration::from_secs(60)).await?;
     println!(

@@ -21,6 +21,11 @@ pub struct Args {
     pub interval: Duration,
     /// `--delete`: the durable subscriber deletes its subscription at the end.
     pub delete: bool,
+    /// `--offline-start`: start even if no server accepts the connection
+    /// (persistent sends wait in the local buffer until one does).
+    pub offline_start: bool,
+    /// `--initial-timeout-ms`: how long to wait for the first connection.
+    pub initial_timeout: Option<Duration>,
 }
 
 /// Parses `std::env::args()`. `--help` prints the usage and exits; a bad
@@ -76,6 +81,14 @@ fn parse(program: &str, about: &str, defaults: Args) -> Result<Args, Usage> {
                     .map_err(|_| format!("--count {v}: not a number"))?;
             }
             "--delete" => args.delete = true,
+            "--offline-start" => args.offline_start = true,
+            "--initial-timeout-ms" => {
+                let v = value()?;
+                args.initial_timeout = Some(Duration::from_millis(
+                    v.parse()
+                        .map_err(|_| format!("--initial-timeout-ms {v}: not a number"))?,
+                ));
+            }
             "--interval-ms" => {
                 let v = value()?;
                 args.interval = Duration::from_millis(
@@ -88,7 +101,7 @@ fn parse(program: &str, about: &str, defaults: Args) -> Result<Args, Usage> {
                     "{about}\n\nusage: {program} [--addr HOST:PORT[,HOST:PORT...]] [--login USER] \
                      [--passcode PASS] [--client-id ID] [--buffer-dir DIR] \
                      [--destination /queue/NAME|/topic/NAME] [--name NAME] [--count N] \
-                     [--interval-ms MS] [--delete]\n\ndefaults: --addr {} --destination {} --name {} --count {}",
+                     [--interval-ms MS] [--delete] [--offline-start] [--initial-timeout-ms MS]\n\ndefaults: --addr {} --destination {} --name {} --count {}",
                     args.servers.join(","),
                     args.destination,
                     args.name,
@@ -118,6 +131,8 @@ impl Args {
             count: 10,
             interval: Duration::ZERO,
             delete: false,
+            offline_start: false,
+            initial_timeout: None,
         }
     }
 
@@ -135,6 +150,9 @@ impl Args {
         if let Some(dir) = &self.buffer_dir {
             b = b.buffer_dir(dir.clone());
         }
-        b
+        if let Some(timeout) = self.initial_timeout {
+            b = b.initial_timeout(timeout);
+        }
+        b.offline_start(self.offline_start)
     }
 }
