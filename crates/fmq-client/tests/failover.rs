@@ -619,3 +619,51 @@ async fn every_blocking_call_is_bounded() {
     );
     conn.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn while_a_server_is_in_standby_rounds_are_retried_quickly() {
+    // A takeover under way: one server says PASSIVE, the other is down. The
+    // rounds keep a short, fixed pace instead of a growing back-off, so the
+    // new active is found as soon as it accepts clients.
+    let a = Fake::start(Mode::Down).await;
+    let b = Fake::start(Mode::Passive).await;
+    let conn = builder(&[&a, &b])
+        .backoff(Backoff {
+            initial: Duration::from_millis(400),
+            max: Duration::from_secs(5),
+            multiplier: 2.0,
+            jitter: 0.0,
+        })
+        .offline_start(true)
+        .initial_timeout(Duration::ZERO)
+        .connect()
+        .await
+        .unwrap();
+    let mut events = conn.events();
+    let mut delays = Vec::new();
+    while delays.len() < 4 {
+        if let Event::Waiting { delay, .. } = expect(&mut events, "Waiting", |e| {
+            matches!(e, Event::Waiting { .. })
+        })
+        .await
+        {
+            delays.push(delay);
+        }
+    }
+    assert!(
+        delays.iter().all(|d| *d == Duration::from_millis(50)),
+        "{delays:?}"
+    );
+    let asked = Instant::now();
+    b.set_mode(Mode::Active);
+    expect(&mut events, "Connected", |e| {
+        matches!(e, Event::Connected { .. })
+    })
+    .await;
+    assert!(
+        asked.elapsed() < Duration::from_millis(400),
+        "found the new active after {:?}",
+        asked.elapsed()
+    );
+    conn.close().await.unwrap();
+}

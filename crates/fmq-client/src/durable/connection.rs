@@ -521,6 +521,16 @@ pub(crate) fn send_frame(record: &SendRecord) -> Frame {
     frame.with_body(record.body.clone())
 }
 
+/// How often a round is retried while a server of the list says it is not
+/// the active one (a takeover is under way: its peer died, or it is about to
+/// take over), so the new active is found within this of accepting clients
+/// instead of after a back-off that has grown meanwhile.
+const TAKEOVER_POLL: Duration = Duration::from_millis(50);
+/// For how long after the first such round [`TAKEOVER_POLL`] applies; the
+/// capped back-off takes over after it (a pair whose other server stays
+/// down is not polled for ever).
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(10);
+
 /// The manager: connects, serves, and reconnects until shut down.
 async fn run(inner: Arc<Inner>) {
     let n = inner.config.servers.len();
@@ -528,22 +538,36 @@ async fn run(inner: Arc<Inner>) {
     let mut attempt = 0u32;
     let mut lost: Option<(String, Instant)> = None;
     let mut ever_connected = false;
+    // When a failed round first met a server in standby.
+    let mut standby_since: Option<Instant> = None;
     while !inner.shutdown.is_cancelled() {
         let connected = tokio::select! {
             _ = inner.shutdown.cancelled() => break,
             c = connect_round(&inner, start, ever_connected) => c,
         };
-        let Some((index, client)) = connected else {
-            let delay = inner.config.backoff.delay(attempt);
-            inner.emit(Event::Waiting { attempt, delay });
-            attempt = attempt.saturating_add(1);
-            tokio::select! {
-                _ = inner.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+        let (index, client) = match connected {
+            Ok(found) => found,
+            Err(standby) => {
+                let since = standby.then(|| *standby_since.get_or_insert_with(Instant::now));
+                let takeover = since.is_some_and(|t| t.elapsed() < TAKEOVER_WINDOW);
+                let delay = if takeover {
+                    TAKEOVER_POLL
+                } else {
+                    inner.config.backoff.delay(attempt)
+                };
+                inner.emit(Event::Waiting { attempt, delay });
+                if !takeover {
+                    attempt = attempt.saturating_add(1);
+                }
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
             }
-            continue;
         };
         attempt = 0;
+        standby_since = None;
         let server = inner.config.servers[index].clone();
         let link = Link {
             client,
@@ -606,12 +630,12 @@ async fn run(inner: Arc<Inner>) {
 }
 
 /// One round over the server list, from `start`: the first server that
-/// accepts, or `None`.
+/// accepts, or whether one of them answered that it is in standby.
 async fn connect_round(
     inner: &Inner,
     start: usize,
     ever_connected: bool,
-) -> Option<(usize, Client)> {
+) -> std::result::Result<(usize, Client), bool> {
     let config = &inner.config;
     let n = config.servers.len();
     let options = ConnectOptions {
@@ -623,6 +647,7 @@ async fn connect_round(
         timeout: config.request_timeout,
     };
     let mut answers = Vec::with_capacity(n);
+    let mut standby = false;
     for k in 0..n {
         let index = (start + k) % n;
         let server = &config.servers[index];
@@ -632,8 +657,9 @@ async fn connect_round(
             Err(_) => Err(Error::Timeout("CONNECTED")),
         };
         match result {
-            Ok(client) => return Some((index, client)),
+            Ok(client) => return Ok((index, client)),
             Err(Error::Server { message, .. }) if is_standby_refusal(&message) => {
+                standby = true;
                 answers.push(format!("{server}: {message}"));
                 inner.emit(Event::Skipped {
                     server: server.clone(),
@@ -653,7 +679,7 @@ async fn connect_round(
         }
     }
     *lock(&inner.last_round) = answers;
-    None
+    Err(standby)
 }
 
 /// Subscribes every registered consumer on a new connection. A consumer the

@@ -42,7 +42,10 @@
 //! answers CONNECT with an ERROR saying it is not the active one (its state
 //! is PASSIVE, WAITING, ...) is skipped at once. When every server of the
 //! list failed, the connection waits a capped, jittered exponential
-//! [`Backoff`] and tries again, for as long as it is open. After a dropped
+//! [`Backoff`] and tries again, for as long as it is open. While a server
+//! of the list answers that it is in standby (a takeover is under way),
+//! rounds are retried every 50 ms instead, for up to 10 s, so the new
+//! active server is found as soon as it accepts clients. After a dropped
 //! connection the first round starts at once, with the server after the one
 //! that was lost.
 //!
