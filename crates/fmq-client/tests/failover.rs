@@ -54,6 +54,21 @@ fn seq_of(frame: &Frame) -> (String, u64) {
     )
 }
 
+/// A pair as it starts: the primary serves, the secondary is in standby.
+async fn pair() -> (Fake, Fake) {
+    (
+        Fake::start(Mode::Active).await,
+        Fake::start(Mode::Passive).await,
+    )
+}
+
+/// The primary dies (its connections drop) and the secondary takes over.
+fn take_over(primary: &Fake, secondary: &Fake) {
+    primary.set_mode(Mode::Down);
+    secondary.set_mode(Mode::Active);
+    primary.drop_connections();
+}
+
 #[tokio::test]
 async fn passive_server_is_skipped_at_once() {
     let primary = Fake::start(Mode::Passive).await;
@@ -177,8 +192,7 @@ async fn back_off_paces_the_rounds_up_to_its_cap() {
 
 #[tokio::test]
 async fn dropped_connection_fails_over_and_resubscribes() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let mut events = conn.events();
     let session = conn.session(SessionMode::ClientIndividual);
@@ -192,9 +206,7 @@ async fn dropped_connection_fails_over_and_resubscribes() {
     primary.wait_for(Command::Ack, 1).await;
 
     // The primary dies; the secondary becomes active.
-    primary.set_mode(Mode::Down);
-    secondary.set_mode(Mode::Active);
-    primary.drop_connections();
+    take_over(&primary, &secondary);
     expect(&mut events, "Disconnected", |e| {
         matches!(e, Event::Disconnected { .. })
     })
@@ -232,8 +244,7 @@ async fn dropped_connection_fails_over_and_resubscribes() {
 
 #[tokio::test]
 async fn durable_subscriptions_are_made_again_by_name() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let session = conn.session(SessionMode::Auto);
     let _sub = session
@@ -254,8 +265,7 @@ async fn durable_subscriptions_are_made_again_by_name() {
 
 #[tokio::test]
 async fn unreceipted_send_is_resent_with_the_same_producer_id_and_sequence() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let mut events = conn.events();
     let session = conn.session(SessionMode::Auto);
@@ -377,8 +387,7 @@ async fn buffer_full_is_a_clear_error() {
 
 #[tokio::test]
 async fn transaction_open_at_failover_is_rolled_back() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let mut events = conn.events();
     let session = conn.session(SessionMode::Transacted);
@@ -389,9 +398,7 @@ async fn transaction_open_at_failover_is_rolled_back() {
     );
     primary.wait_for(Command::Send, 1).await;
 
-    primary.set_mode(Mode::Down);
-    secondary.set_mode(Mode::Active);
-    primary.drop_connections();
+    take_over(&primary, &secondary);
     expect(&mut events, "FailedOver", |e| {
         matches!(e, Event::FailedOver { .. })
     })
@@ -425,8 +432,7 @@ async fn transaction_open_at_failover_is_rolled_back() {
 
 #[tokio::test]
 async fn send_only_transaction_whose_commit_receipt_was_lost_is_re_run() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let session = conn.session(SessionMode::Transacted);
     let producer = session.producer("batch", "/queue/batch").await.unwrap();
@@ -453,8 +459,7 @@ async fn send_only_transaction_whose_commit_receipt_was_lost_is_re_run() {
 
 #[tokio::test]
 async fn transaction_with_acks_whose_commit_receipt_was_lost_is_in_doubt() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let session = conn.session(SessionMode::Transacted);
     let mut consumer = session.consumer("/queue/in").await.unwrap();
@@ -477,8 +482,7 @@ async fn transaction_with_acks_whose_commit_receipt_was_lost_is_in_doubt() {
 
 #[tokio::test]
 async fn consumer_drops_redeliveries_of_what_it_acknowledged() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let mut events = conn.events();
     let session = conn.session(SessionMode::ClientIndividual);
@@ -497,9 +501,7 @@ async fn consumer_drops_redeliveries_of_what_it_acknowledged() {
 
     // Failover; the new server redelivers both (the ACKs were "lost"), m2
     // stored twice under another message-id, then something new.
-    primary.set_mode(Mode::Down);
-    secondary.set_mode(Mode::Active);
-    primary.drop_connections();
+    take_over(&primary, &secondary);
     secondary.wait_for(Command::Subscribe, 1).await;
     secondary.deliver("/queue/jobs", "m1", "one", &[("redelivered", "true")]);
     secondary.deliver("/queue/jobs", "m2-copy", "two", &tagged);
@@ -559,8 +561,7 @@ async fn client_mode_duplicates_do_not_acknowledge_unprocessed_messages() {
 
 #[tokio::test]
 async fn ack_after_failover_is_applied_to_the_redelivery() {
-    let primary = Fake::start(Mode::Active).await;
-    let secondary = Fake::start(Mode::Passive).await;
+    let (primary, secondary) = pair().await;
     let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
     let mut events = conn.events();
     let session = conn.session(SessionMode::ClientIndividual);
@@ -569,9 +570,7 @@ async fn ack_after_failover_is_applied_to_the_redelivery() {
     primary.deliver("/queue/late", "m1", "slow work", &[]);
     let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
     // The connection is lost while the application works on m1.
-    primary.set_mode(Mode::Down);
-    secondary.set_mode(Mode::Active);
-    primary.drop_connections();
+    take_over(&primary, &secondary);
     expect(&mut events, "FailedOver", |e| {
         matches!(e, Event::FailedOver { .. })
     })

@@ -348,7 +348,14 @@ pub async fn run(
                         let tx = note_tx.clone();
                         let (host, port) =
                             (ha.gateway_server_ip_address.clone(), ha.gateway_server_port);
-                        let timeout = Duration::from_millis(ha.ping_interval.clamp(100, 5000));
+                        // The fresh ping that decides whether a serving
+                        // server that lost its peer is isolated: a false
+                        // "unreachable" costs a needless failover, so it
+                        // gets 5 intervals (at least 500 ms), not one; a
+                        // machine stalled by its disk can miss one.
+                        let timeout = Duration::from_millis(
+                            ha.ping_interval.saturating_mul(5).clamp(500, 5000),
+                        );
                         tokio::spawn(async move {
                             let ok = gateway::ping(&host, port, timeout).await.is_ok();
                             let _ = tx.send(Note::Probe(ok)).await;
