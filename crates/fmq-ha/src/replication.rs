@@ -37,7 +37,7 @@ use fmq_store::{Batch, Cf, Commit, LoggedBatch, Store};
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tracing::{debug, info, warn};
 
@@ -367,12 +367,35 @@ struct Ring {
 pub struct Feed {
     ring: Mutex<Ring>,
     notify: Notify,
-    acks: watch::Sender<Acks>,
+    /// The passive's acks and the commits waiting for them, under one lock
+    /// so a commit either sees an ack or is released by it.
+    confirm: Mutex<Confirm>,
+    epoch: u64,
+}
+
+#[derive(Debug, Default)]
+struct Confirm {
+    acks: Acks,
     /// Commits waiting for the passive, in sequence order. Released from
     /// the front as acks arrive, so an ack wakes only the commits it
-    /// confirms (not every waiting commit, as a watch subscription would).
-    waiters: Mutex<VecDeque<(u64, oneshot::Sender<bool>)>>,
-    epoch: u64,
+    /// confirms.
+    waiters: VecDeque<(u64, oneshot::Sender<bool>)>,
+}
+
+impl Confirm {
+    /// Changes the acks and resolves the waiting commits whose fate they
+    /// now settle.
+    fn update(&mut self, change: impl FnOnce(&mut Acks)) {
+        change(&mut self.acks);
+        while let Some(&(sequence, _)) = self.waiters.front() {
+            let Some(confirmed) = settled(&self.acks, sequence) else {
+                break;
+            };
+            if let Some((_, tx)) = self.waiters.pop_front() {
+                let _ = tx.send(confirmed);
+            }
+        }
+    }
 }
 
 /// Whether the passive confirmed a batch, as [`Feed::confirmation`] gives it.
@@ -413,11 +436,13 @@ impl Feed {
                 ..Ring::default()
             }),
             notify: Notify::new(),
-            acks: watch::Sender::new(Acks {
-                acked: last_sequence,
-                ..Acks::default()
+            confirm: Mutex::new(Confirm {
+                acks: Acks {
+                    acked: last_sequence,
+                    ..Acks::default()
+                },
+                waiters: VecDeque::new(),
             }),
-            waiters: Mutex::new(VecDeque::new()),
             epoch,
         })
     }
@@ -429,62 +454,37 @@ impl Feed {
 
     /// Current acks.
     pub fn acks(&self) -> Acks {
-        *self.acks.borrow()
+        lock(&self.confirm).acks
     }
 
     /// Makes commits wait for the passive (or stop waiting).
     pub fn set_required(&self, required: bool) {
-        self.acks.send_modify(|a| a.required = required);
-        self.release();
+        lock(&self.confirm).update(|a| a.required = required);
     }
 
     /// Fails every commit the passive has not confirmed, now and later.
     pub fn fence(&self) {
-        self.acks.send_modify(|a| a.fenced = true);
-        self.release();
+        lock(&self.confirm).update(|a| a.fenced = true);
         self.notify.notify_waiters();
     }
 
     fn ack(&self, sequence: u64) {
-        let advanced = self.acks.send_if_modified(|a| {
-            if sequence > a.acked {
-                a.acked = sequence;
-                true
-            } else {
-                false
-            }
-        });
-        if advanced {
-            self.release();
+        let mut confirm = lock(&self.confirm);
+        if sequence > confirm.acks.acked {
+            confirm.update(|a| a.acked = sequence);
         }
     }
 
     /// How batch `sequence` learns that the passive confirmed it. Called in
     /// commit order (under the ring lock), so the waiters stay sorted.
     fn confirmation(&self, sequence: u64) -> Confirmation {
-        let mut waiters = lock(&self.waiters);
-        // Read under the waiters lock: `release` changes the acks before
-        // taking it, so a change is either seen here or releases this one.
-        if let Some(confirmed) = settled(&self.acks.borrow(), sequence) {
+        let mut confirm = lock(&self.confirm);
+        if let Some(confirmed) = settled(&confirm.acks, sequence) {
             return Confirmation::Now(confirmed);
         }
         let (tx, rx) = oneshot::channel();
-        waiters.push_back((sequence, tx));
+        confirm.waiters.push_back((sequence, tx));
         Confirmation::Later(rx)
-    }
-
-    /// Resolves the waiting commits whose fate the acks now settle.
-    fn release(&self) {
-        let mut waiters = lock(&self.waiters);
-        let acks = *self.acks.borrow();
-        while let Some((sequence, _)) = waiters.front() {
-            let Some(confirmed) = settled(&acks, *sequence) else {
-                break;
-            };
-            if let Some((_, tx)) = waiters.pop_front() {
-                let _ = tx.send(confirmed);
-            }
-        }
     }
 
     /// Sequence of the last batch committed.
@@ -1355,7 +1355,7 @@ mod tests {
         assert_eq!(futures::FutureExt::now_or_never(&mut four), Some(false));
         assert_eq!(now_or_never(waiting.next().expect("5")), Some(false));
         assert_eq!(now_or_never(feed.confirmation(6)), Some(false));
-        assert!(lock(&feed.waiters).is_empty());
+        assert!(lock(&feed.confirm).waiters.is_empty());
     }
 
     #[test]

@@ -54,14 +54,21 @@ impl LocalReplica {
     /// passive writes per batch. Kept across a checkpoint install.
     fn pause_log(&self, paused: bool) {
         self.log_paused.store(paused, Ordering::Release);
-        if let Some(store) = self
-            .slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-        {
+        if let Some(store) = self.current() {
             store.pause_log(paused);
         }
+    }
+
+    /// The slot, poisoned or not (it holds no invariant a panic can break).
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<RocksStore>>> {
+        self.slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The store, or `None` while a checkpoint is being installed.
+    fn current(&self) -> Option<Arc<RocksStore>> {
+        self.slot().clone()
     }
 
     /// The store, waiting (up to `within`) for a checkpoint install that a
@@ -69,12 +76,7 @@ impl LocalReplica {
     async fn rocks_when_open(&self, within: Duration) -> Result<Arc<RocksStore>> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if let Some(store) = self
-                .slot
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-            {
+            if let Some(store) = self.current() {
                 return Ok(store);
             }
             if tokio::time::Instant::now() >= deadline {
@@ -88,21 +90,14 @@ impl LocalReplica {
     }
 
     fn rocks(&self) -> Arc<RocksStore> {
-        self.slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.current()
             .expect("the store is open except inside install()")
     }
 
     /// The store, or `None` while a checkpoint is being installed (the main
     /// loop must not wait for, nor hold up, the install).
     fn try_store(&self) -> Option<Arc<dyn Store>> {
-        self.slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .map(|s| s as Arc<dyn Store>)
+        self.current().map(|s| s as Arc<dyn Store>)
     }
 
     fn parent(&self) -> PathBuf {
@@ -124,11 +119,7 @@ impl Replica for LocalReplica {
     }
 
     fn install(&self, dir: &Path, keep_old: bool) -> Result<(), String> {
-        let old = self
-            .slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let old = self.slot().take();
         if let Some(old) = old {
             // Wait for the last users (a status read) to let go, so the
             // directory lock is released when it drops.
@@ -145,10 +136,7 @@ impl Replica for LocalReplica {
                         std::thread::sleep(Duration::from_millis(5));
                     }
                     Err(still) => {
-                        *self
-                            .slot
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(still);
+                        *self.slot() = Some(still);
                         return Err(
                             "the store is still in use; cannot install the checkpoint".into()
                         );
@@ -187,10 +175,7 @@ impl Replica for LocalReplica {
         match reopened {
             Ok(store) => {
                 store.pause_log(self.log_paused.load(Ordering::Acquire));
-                *self
-                    .slot
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(store);
+                *self.slot() = Some(store);
             }
             Err(e) => return Err(format!("reopening the store after the checkpoint: {e}")),
         }
