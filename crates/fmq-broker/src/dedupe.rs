@@ -6,10 +6,18 @@
 //! sequence is not above the mark is a duplicate, typically a resend after a
 //! lost RECEIPT or a failover: it is acknowledged but not enqueued again.
 //!
+//! A COMMIT may carry the same two headers: the transaction's key. A COMMIT
+//! whose key is at or below its producer's mark is a duplicate and applies
+//! nothing (neither its sends nor its acks); a fresh one moves the mark in
+//! the batch that holds the transaction's effects. A client that lost a
+//! COMMIT's RECEIPT learns the outcome by committing an empty transaction
+//! under the same key (see `docs/dedupe.md`).
+//!
 //! [`Marks`] is the sans-IO core: the engine calls [`Marks::check`] for each
-//! SEND (or each send of a COMMIT) and passes its store batch, so a persistent
-//! message and its producer's mark are written in one atomic, replicated
-//! batch. The record format is [`fmq_store::dedupe`].
+//! SEND (or each send of a COMMIT, and each keyed COMMIT) and passes its
+//! store batch, so a persistent message and its producer's mark are written
+//! in one atomic, replicated batch. The record format is
+//! [`fmq_store::dedupe`].
 //!
 //! Memory is bounded: a producer idle for longer than the retention is
 //! forgotten by [`Marks::prune`], and when the table is full the producer
@@ -23,11 +31,12 @@ use std::time::Duration;
 use fmq_store::dedupe::{self, Mark};
 use fmq_store::{Batch, Cf};
 
-/// SEND header naming the producer.
+/// SEND (and COMMIT) header naming the producer.
 pub const PRODUCER_ID_HEADER: &str = "fmq-producer-id";
-/// SEND header carrying the producer's sequence number.
+/// SEND (and COMMIT) header carrying the producer's sequence number.
 pub const SEQUENCE_HEADER: &str = "fmq-sequence";
-/// RECEIPT header set (to `true`) when the SEND was a duplicate.
+/// RECEIPT header set (to `true`) when the SEND, or the keyed COMMIT, was a
+/// duplicate.
 pub const DUPLICATE_HEADER: &str = "fmq-duplicate";
 /// COMMIT RECEIPT header: how many of the transaction's sends were dropped
 /// as duplicates (present only when some were).
@@ -35,7 +44,7 @@ pub const DUPLICATES_HEADER: &str = "fmq-duplicates";
 /// Longest producer id, in bytes.
 pub const MAX_PRODUCER_ID_LEN: usize = 128;
 
-/// A SEND's producer id and sequence number.
+/// A SEND's (or a COMMIT's) producer id and sequence number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProducerSeq {
     /// The producer id.
@@ -44,8 +53,9 @@ pub struct ProducerSeq {
     pub sequence: u64,
 }
 
-/// Reads a SEND's `fmq-producer-id` and `fmq-sequence` headers. Both or
-/// neither must be present; the error text names the header and value.
+/// Reads a SEND's or a COMMIT's `fmq-producer-id` and `fmq-sequence`
+/// headers. Both or neither must be present; the error text names the
+/// header and value.
 pub fn parse(
     producer: Option<&str>,
     sequence: Option<&str>,
@@ -100,7 +110,7 @@ pub enum Verdict {
 /// Running totals since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Sends dropped as duplicates.
+    /// Sends (and keyed COMMITs) dropped as duplicates.
     pub duplicates: u64,
     /// Producers forgotten after being idle longer than the retention.
     pub pruned: u64,
@@ -153,6 +163,14 @@ impl Marks {
             self.idle.remove(&(old.last_used_ms, producer.clone()));
         }
         self.idle.insert((mark.last_used_ms, producer));
+    }
+
+    /// Whether `send` is at or below its producer's mark, i.e. what
+    /// [`Marks::check`] would answer, without changing anything.
+    pub fn is_duplicate(&self, send: &ProducerSeq) -> bool {
+        self.entries
+            .get(&send.producer)
+            .is_some_and(|e| send.sequence <= e.sequence)
     }
 
     /// Checks one send at `now_ms`. A fresh send moves the producer's mark
@@ -372,6 +390,29 @@ mod tests {
         assert_eq!(
             puts,
             [("a".into(), 1, 5), ("a".into(), 5, 7), ("b".into(), 1, 9)]
+        );
+    }
+
+    #[test]
+    fn is_duplicate_tells_what_check_would_without_changing_anything() {
+        let mut marks = Marks::new(DAY, 10);
+        let mut batch = Batch::new();
+        assert!(!marks.is_duplicate(&send("a", 1)), "unknown producer");
+        assert!(marks.is_empty(), "asking tracks nothing");
+        marks.check(&send("a", 3), true, 1, &mut batch);
+        for (seq, dup) in [(1, true), (3, true), (4, false)] {
+            assert_eq!(marks.is_duplicate(&send("a", seq)), dup, "{seq}");
+        }
+        assert_eq!(marks.sequence("a"), Some(3));
+        assert_eq!(marks.counters().duplicates, 0);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            marks.check(&send("a", 3), true, 2, &mut batch),
+            Verdict::Duplicate
+        );
+        assert_eq!(
+            marks.check(&send("a", 4), true, 3, &mut batch),
+            Verdict::Fresh
         );
     }
 

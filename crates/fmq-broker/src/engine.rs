@@ -181,9 +181,18 @@ pub enum Cmd {
     /// COMMIT of a transaction's sends and acks, applied as one batch.
     /// Sends that carry a producer id and sequence are checked for
     /// duplicates here, in order, and their marks written in the same batch.
+    ///
+    /// A COMMIT with a key (its own producer id and sequence) is checked
+    /// against that producer's mark first: a duplicate applies nothing (no
+    /// ack, no send, no ack validation) and is answered with
+    /// `fmq-duplicate:true`; a fresh one moves the mark in the batch that
+    /// holds the transaction's effects.
     Commit {
         /// Session.
         session: SessionId,
+        /// The transaction's key (`fmq-producer-id`/`fmq-sequence` of the
+        /// COMMIT frame), if any.
+        key: Option<ProducerSeq>,
         /// Sends in order, each with its producer id and sequence if any.
         sends: Vec<(Message, Option<ProducerSeq>)>,
         /// Acks in order.
@@ -253,7 +262,8 @@ pub struct Stats {
     pub expired: u64,
     /// Store sequence number.
     pub store_sequence: u64,
-    /// SENDs dropped as duplicates since start (see [`crate::dedupe`]).
+    /// SENDs and keyed COMMITs dropped as duplicates since start (see
+    /// [`crate::dedupe`]).
     pub duplicates: u64,
     /// Producer ids whose dedupe mark is tracked.
     pub producers: usize,
@@ -639,16 +649,41 @@ impl Engine {
             }
             Cmd::Commit {
                 session,
+                key,
                 sends,
                 acks,
                 reply,
             } => {
-                // Validate first so a failing transaction changes nothing.
+                let now = now_ms();
+                if let Some(key) = key.as_ref().filter(|k| self.marks.is_duplicate(k)) {
+                    // A transaction with this key was committed already (or
+                    // its key taken by an empty COMMIT): this one is a no-op
+                    // success, whatever its acks name. Checking the mark
+                    // refreshes the producer's idle time and counts the
+                    // duplicate; like a duplicate SEND, the RECEIPT waits
+                    // for a synced write so the mark it matched is durable.
+                    self.marks.check(key, true, now, &mut self.batch);
+                    tracing::debug!(
+                        producer = %key.producer,
+                        sequence = key.sequence,
+                        sends = sends.len(),
+                        acks = acks.len(),
+                        "dropping a duplicate commit"
+                    );
+                    self.reply_with(reply, Ok(vec![(DUPLICATE_HEADER, "true".into())]), true);
+                    return;
+                }
+                // Validate first so a failing transaction changes nothing,
+                // its key's mark included.
                 let result = self.check_acks(session, &acks).map(|()| {
+                    if let Some(key) = &key {
+                        // Fresh (checked above, and nothing ran since): the
+                        // mark is written in this transaction's batch.
+                        self.marks.check(key, true, now, &mut self.batch);
+                    }
                     for ack in acks {
                         self.apply_ack(session, ack);
                     }
-                    let now = now_ms();
                     let mut duplicates = 0u64;
                     for (message, producer) in sends {
                         if self.check_duplicate(&message, producer.as_ref(), now) {

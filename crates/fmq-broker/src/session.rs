@@ -701,6 +701,10 @@ impl State {
 
     async fn commit(&mut self, frame: Frame) -> Result<Flow, Fatal> {
         let name = tx_name(&frame)?.to_owned();
+        // The transaction's key, checked like a SEND's: a COMMIT whose key
+        // the broker has seen already applies nothing.
+        let key = dedupe::parse(frame.get(PRODUCER_ID_HEADER), frame.get(SEQUENCE_HEADER))
+            .map_err(|e| Fatal::new(e, &frame))?;
         let t = self
             .transactions
             .remove(&name)
@@ -708,6 +712,7 @@ impl State {
         let session = self.id;
         self.request(&frame, |reply| Cmd::Commit {
             session,
+            key,
             sends: t.sends,
             acks: t.acks,
             reply,

@@ -474,3 +474,215 @@ async fn a_full_table_forgets_the_producer_idle_longest() {
     ));
     b.stop().await;
 }
+
+/// COMMITs `tx` under the key (`producer`, `seq`) and returns its RECEIPT.
+async fn commit_keyed(p: &mut Conn, tx: &str, producer: &str, seq: u64) -> Frame {
+    p.send(
+        Frame::new(Command::Commit)
+            .header("transaction", tx)
+            .header("fmq-producer-id", producer)
+            .header("fmq-sequence", seq.to_string())
+            .header("receipt", "commit"),
+    )
+    .await;
+    receipt_for(p, "commit").await
+}
+
+/// A persistent SEND of `body` to `dest` in transaction `tx`.
+fn in_tx(dest: &str, tx: &str, body: &str) -> Frame {
+    Frame::new(Command::Send)
+        .header("destination", dest)
+        .header("persistent", "true")
+        .header("transaction", tx)
+        .with_body(body.as_bytes().to_vec())
+}
+
+fn ack_in_tx(msg: &Frame, tx: &str) -> Frame {
+    Frame::new(Command::Ack)
+        .header("id", msg.get("ack").expect("ack header"))
+        .header("transaction", tx)
+}
+
+/// Publishes `body` to `dest` and returns a client-individual consumer
+/// holding its delivery, unacknowledged.
+async fn delivered(b: &TestBroker, dest: &str, body: &str) -> (Conn, Frame) {
+    let mut p = Conn::connect(b.addr, &[]).await;
+    p.publish(dest, body, PERSISTENT).await;
+    let mut c = Conn::connect(b.addr, &[]).await;
+    c.subscribe("s", dest, "client-individual", &[]).await;
+    let m = c.message().await;
+    assert_eq!(common::body(&m), body, "{m:?}");
+    (c, m)
+}
+
+#[tokio::test]
+async fn a_keyed_commit_applies_once_and_its_duplicate_applies_nothing() {
+    let b = TestBroker::start(open_config()).await;
+    let (mut c, m) = delivered(&b, "/queue/kw", "work").await;
+    begin(&mut c, "t1").await;
+    c.send(in_tx("/queue/kout", "t1", "first")).await;
+    let r = commit_keyed(&mut c, "t1", "session:tx", 1).await;
+    assert!(!duplicate(&r), "a fresh key commits: {r:?}");
+    assert_eq!(drain(&b, "/queue/kout").await, ["first"]);
+
+    // Same key again, in a transaction with a send and an ACK: a no-op.
+    begin(&mut c, "t2").await;
+    c.send(in_tx("/queue/kout", "t2", "second")).await;
+    c.send(ack_in_tx(&m, "t2")).await;
+    let r = commit_keyed(&mut c, "t2", "session:tx", 1).await;
+    assert!(duplicate(&r), "the key was taken: {r:?}");
+    assert_eq!(r.get("fmq-duplicates"), None, "{r:?}");
+    assert_eq!(drain(&b, "/queue/kout").await, Vec::<String>::new());
+    // The ACK was not applied: the message is still delivered and
+    // unacknowledged on this connection, and comes back when it closes.
+    drop(c);
+    assert_eq!(drain(&b, "/queue/kw").await, ["work"]);
+    let stats = b.broker.stats().await.expect("stats");
+    assert_eq!((stats.duplicates, stats.producers), (1, 1), "{stats:?}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_duplicate_commit_does_not_validate_its_acks() {
+    let b = TestBroker::start(open_config()).await;
+    let mut c = Conn::connect(b.addr, &[]).await;
+    begin(&mut c, "t1").await;
+    assert!(!duplicate(&commit_keyed(&mut c, "t1", "k", 3).await));
+    // An ACK of a message this connection never received fails a fresh
+    // COMMIT, but a duplicate one is answered as a no-op all the same.
+    begin(&mut c, "t2").await;
+    c.send(
+        Frame::new(Command::Ack)
+            .header("id", "987654321")
+            .header("transaction", "t2"),
+    )
+    .await;
+    assert!(duplicate(&commit_keyed(&mut c, "t2", "k", 2).await));
+    begin(&mut c, "t3").await;
+    c.send(
+        Frame::new(Command::Ack)
+            .header("id", "987654321")
+            .header("transaction", "t3"),
+    )
+    .await;
+    c.send(
+        Frame::new(Command::Commit)
+            .header("transaction", "t3")
+            .header("fmq-producer-id", "k")
+            .header("fmq-sequence", "4")
+            .header("receipt", "commit"),
+    )
+    .await;
+    let e = c.error().await;
+    assert!(
+        e.get("message")
+            .unwrap_or_default()
+            .contains("ACK of message 987654321"),
+        "{e:?}"
+    );
+    // The refused COMMIT did not take its key.
+    let mut c = Conn::connect(b.addr, &[]).await;
+    begin(&mut c, "t4").await;
+    c.send(in_tx("/queue/k4", "t4", "four")).await;
+    assert!(!duplicate(&commit_keyed(&mut c, "t4", "k", 4).await));
+    assert_eq!(drain(&b, "/queue/k4").await, ["four"]);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_commit_that_takes_a_key_fences_a_later_commit_with_it() {
+    let b = TestBroker::start(open_config()).await;
+    let (mut c, m) = delivered(&b, "/queue/fw", "work").await;
+    // The transaction of the first connection is ready to commit...
+    begin(&mut c, "orig").await;
+    c.send(in_tx("/queue/fout", "orig", "result")).await;
+    c.send(ack_in_tx(&m, "orig")).await;
+    // ...when another connection settles its key with an empty COMMIT.
+    let mut other = Conn::connect(b.addr, &[]).await;
+    begin(&mut other, "empty").await;
+    let r = commit_keyed(&mut other, "empty", "app:tx-1", 7).await;
+    assert!(!duplicate(&r), "the empty commit takes the key: {r:?}");
+    // The original COMMIT, arriving late, is dropped whole.
+    let r = commit_keyed(&mut c, "orig", "app:tx-1", 7).await;
+    assert!(duplicate(&r), "{r:?}");
+    assert_eq!(drain(&b, "/queue/fout").await, Vec::<String>::new());
+    drop(c);
+    assert_eq!(drain(&b, "/queue/fw").await, ["work"]);
+    // The key's next sequence commits as usual.
+    let (mut c, m) = delivered(&b, "/queue/fw2", "again").await;
+    begin(&mut c, "next").await;
+    c.send(ack_in_tx(&m, "next")).await;
+    assert!(!duplicate(
+        &commit_keyed(&mut c, "next", "app:tx-1", 8).await
+    ));
+    drop(c);
+    assert_eq!(drain(&b, "/queue/fw2").await, Vec::<String>::new());
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn bad_key_headers_on_commit_get_an_error_naming_the_header() {
+    let b = TestBroker::start(open_config()).await;
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec![("fmq-producer-id", "p")],
+            "fmq-producer-id header 'p' needs an fmq-sequence header",
+        ),
+        (
+            vec![("fmq-sequence", "4")],
+            "fmq-sequence header '4' needs an fmq-producer-id header",
+        ),
+        (
+            vec![("fmq-producer-id", "p"), ("fmq-sequence", "0")],
+            "fmq-sequence header '0' is not a whole number",
+        ),
+        (
+            vec![("fmq-producer-id", ""), ("fmq-sequence", "1")],
+            "fmq-producer-id header '' is not 1 to 128 bytes",
+        ),
+    ];
+    for (headers, needle) in cases {
+        let mut c = Conn::connect(b.addr, &[]).await;
+        begin(&mut c, "t").await;
+        c.send(in_tx("/queue/kbad", "t", "never")).await;
+        let mut f = Frame::new(Command::Commit)
+            .header("transaction", "t")
+            .header("receipt", "r");
+        for (k, v) in &headers {
+            f = f.header(*k, *v);
+        }
+        c.send(f).await;
+        let e = c.error().await;
+        let message = e.get("message").unwrap_or_default();
+        assert!(message.contains(needle), "{headers:?}: {message}");
+        assert_eq!(e.get("receipt-id"), Some("r"), "{e:?}");
+        assert!(c.closed().await, "{headers:?}: connection stays open");
+    }
+    assert_eq!(drain(&b, "/queue/kbad").await, Vec::<String>::new());
+    assert_eq!(b.broker.stats().await.expect("stats").producers, 0);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_commit_key_survives_a_restart_on_the_same_store() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let b = TestBroker::start_on(store.clone(), open_config()).await;
+    let mut c = Conn::connect(b.addr, &[]).await;
+    // An empty transaction stores its key too.
+    begin(&mut c, "t").await;
+    assert!(!duplicate(&commit_keyed(&mut c, "t", "kept", 5).await));
+    drop(c);
+    b.stop().await;
+    assert!(store.get(Cf::Dedupe, b"kept").expect("get").is_some());
+
+    let b = TestBroker::start_on(store, open_config()).await;
+    let mut c = Conn::connect(b.addr, &[]).await;
+    begin(&mut c, "t").await;
+    c.send(in_tx("/queue/kr", "t", "late")).await;
+    assert!(duplicate(&commit_keyed(&mut c, "t", "kept", 5).await));
+    begin(&mut c, "t").await;
+    c.send(in_tx("/queue/kr", "t", "next")).await;
+    assert!(!duplicate(&commit_keyed(&mut c, "t", "kept", 6).await));
+    assert_eq!(drain(&b, "/queue/kr").await, ["next"]);
+    b.stop().await;
+}

@@ -51,15 +51,19 @@ pub enum Error {
     #[error("no server available: {0}")]
     Unavailable(String),
     /// The transaction did not commit, and nothing of it took effect: the
-    /// connection failed over (or dropped) while it was open, or the server
-    /// refused it. Messages it received are redelivered. The text says why.
+    /// connection failed over (or dropped) while it was open, the server
+    /// refused it, or its COMMIT left but its RECEIPT was lost and a server
+    /// then confirmed, under the transaction's key, that it was not applied
+    /// (and now never will be). Messages it received are redelivered. The
+    /// text says why.
     #[error("transaction rolled back: {0}")]
     TransactionRolledBack(String),
     /// The connection dropped after COMMIT left and before its RECEIPT
-    /// came back, and the transaction could not be re-run safely: it may or
-    /// may not have committed. Only transactions that acknowledge messages
-    /// end this way; send-only ones are re-run with the same producer ids
-    /// and sequence numbers.
+    /// came back, and its outcome could not be settled: no server accepted
+    /// the COMMIT that settles it (same transaction key) within the request
+    /// timeout, or a server refused that COMMIT. The transaction may or may
+    /// not have committed. Every other lost RECEIPT ends in `Ok` or
+    /// [`Error::TransactionRolledBack`].
     #[error("transaction outcome unknown: {0}")]
     TransactionInDoubt(String),
     /// The local send buffer is full: the send was neither delivered nor

@@ -1,11 +1,13 @@
 //! The durable, JMS-like API against in-process brokers on the memory
-//! store: ack modes, transactions, durable subscribers, delivery options,
-//! the send buffer across a client restart, and failover between two
-//! brokers.
+//! store: ack modes, transactions (and settling one whose COMMIT receipt
+//! was lost), durable subscribers, delivery options, the send buffer across
+//! a client restart, and failover between two brokers.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{reserve_port, TestBroker, QUIET, SOON};
@@ -13,6 +15,10 @@ use fmq_client::durable::{
     Connection, ConnectionBuilder, ConsumerOptions, Event, SendOptions, SendOutcome, SessionMode,
 };
 use fmq_client::Error;
+use fmq_proto::{Command, Item, StompCodec};
+use futures::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::Framed;
 
 fn builder(servers: &[String]) -> ConnectionBuilder {
     Connection::builder(servers.iter().cloned())
@@ -416,5 +422,176 @@ async fn fails_over_between_two_brokers_and_keeps_consuming() {
     let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
     assert_eq!(m.body_str(), Some("after"));
     m.ack().await.unwrap();
+    conn.close().await.unwrap();
+}
+
+/// Where [`CommitCutter`] cuts the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// When the client's COMMIT arrives, before passing it on: the broker
+    /// never sees it.
+    BeforeCommit,
+    /// When the broker's RECEIPT for the COMMIT arrives, instead of passing
+    /// it on: the transaction is applied, its receipt lost.
+    AfterCommit,
+}
+
+/// A STOMP proxy in front of a broker that cuts the connection carrying
+/// the next COMMIT, once, at the chosen point; later connections pass.
+struct CommitCutter {
+    addr: SocketAddr,
+    cut: Arc<Mutex<Option<Cut>>>,
+}
+
+impl CommitCutter {
+    async fn start(upstream: SocketAddr) -> CommitCutter {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(Mutex::new(None));
+        let armed = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(pipe(client, upstream, armed.clone()));
+            }
+        });
+        CommitCutter { addr, cut }
+    }
+
+    fn arm(&self, cut: Cut) {
+        *self.cut.lock().unwrap() = Some(cut);
+    }
+}
+
+async fn pipe(client: TcpStream, upstream: SocketAddr, cut: Arc<Mutex<Option<Cut>>>) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let mut client = Framed::new(client, StompCodec::default());
+    let mut server = Framed::new(server, StompCodec::default());
+    let mut lose_receipt: Option<String> = None;
+    loop {
+        tokio::select! {
+            item = client.next() => {
+                let Some(Ok(item)) = item else { return };
+                if let Item::Frame(f) = &item {
+                    if f.command == Command::Commit {
+                        match cut.lock().unwrap().take() {
+                            Some(Cut::BeforeCommit) => return,
+                            Some(Cut::AfterCommit) => {
+                                lose_receipt = f.get("receipt").map(str::to_owned);
+                            }
+                            None => {}
+                        }
+                    }
+                }
+                if server.send(item).await.is_err() {
+                    return;
+                }
+            }
+            item = server.next() => {
+                let Some(Ok(item)) = item else { return };
+                if let Item::Frame(f) = &item {
+                    if f.command == Command::Receipt
+                        && lose_receipt.is_some()
+                        && f.get("receipt-id") == lose_receipt.as_deref()
+                    {
+                        return;
+                    }
+                }
+                if client.send(item).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Consume-transform-produce in a transaction whose connection is cut at
+/// `cut`: takes "job" from /queue/cut-in, sends "result" to
+/// /queue/cut-out, commits. Returns the commit's outcome, and the
+/// connection, the transacted session and its consumer for the checks.
+async fn commit_cut_at(
+    broker: &TestBroker,
+    cut: Cut,
+) -> (
+    Result<(), Error>,
+    Connection,
+    fmq_client::durable::Session,
+    fmq_client::durable::Consumer,
+) {
+    let proxy = CommitCutter::start(broker.addr).await;
+    let conn = builder(&[proxy.addr.to_string()]).connect().await.unwrap();
+    let plain = conn.session(SessionMode::Auto);
+    plain
+        .producer("feed", "/queue/cut-in")
+        .await
+        .unwrap()
+        .send("job")
+        .await
+        .unwrap();
+    let tx = conn.session(SessionMode::Transacted);
+    let mut worker = tx.consumer("/queue/cut-in").await.unwrap();
+    let job = worker.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(job.body_str(), Some("job"));
+    tx.producer("worker", "/queue/cut-out")
+        .await
+        .unwrap()
+        .send("result")
+        .await
+        .unwrap();
+    proxy.arm(cut);
+    let outcome = tx.commit().await;
+    (outcome, conn, tx, worker)
+}
+
+/// Receives every message of `queue` until it has been quiet for a while.
+async fn drain(conn: &Connection, queue: &str) -> Vec<String> {
+    let session = conn.session(SessionMode::Auto);
+    let mut consumer = session.consumer(queue).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = consumer.receive_timeout(QUIET).await.unwrap() {
+        got.push(m.body_str().unwrap().to_owned());
+    }
+    consumer.close().await.unwrap();
+    got
+}
+
+#[tokio::test]
+async fn a_commit_applied_before_its_receipt_was_lost_is_reported_committed() {
+    let broker = TestBroker::start().await;
+    let (outcome, conn, _tx, mut worker) = commit_cut_at(&broker, Cut::AfterCommit).await;
+    outcome.unwrap();
+    // Applied once: the job is gone (not redelivered), the result is there
+    // once.
+    assert!(worker.receive_timeout(QUIET).await.unwrap().is_none());
+    worker.close().await.unwrap();
+    assert_eq!(drain(&conn, "/queue/cut-in").await, Vec::<String>::new());
+    assert_eq!(drain(&conn, "/queue/cut-out").await, ["result"]);
+    let stats = broker.broker.stats().await.unwrap();
+    assert_eq!(stats.duplicates, 1, "the settling COMMIT was a duplicate");
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_commit_lost_before_the_broker_got_it_is_reported_rolled_back() {
+    let broker = TestBroker::start().await;
+    let (outcome, conn, tx, mut worker) = commit_cut_at(&broker, Cut::BeforeCommit).await;
+    let err = outcome.unwrap_err();
+    let Error::TransactionRolledBack(reason) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(reason.contains("not applied"), "{reason}");
+    // Nothing of it was applied: the job comes back to the same consumer
+    // (not taken for an acknowledged one), the result was never sent.
+    let job = worker.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(job.body_str(), Some("job"));
+    assert!(job.redelivered());
+    assert_eq!(drain(&conn, "/queue/cut-out").await, Vec::<String>::new());
+    // Done again, it commits.
+    tx.commit().await.unwrap();
+    worker.close().await.unwrap();
+    assert_eq!(drain(&conn, "/queue/cut-in").await, Vec::<String>::new());
+    let stats = broker.broker.stats().await.unwrap();
+    assert_eq!(stats.duplicates, 0, "the settling COMMIT took the key");
     conn.close().await.unwrap();
 }

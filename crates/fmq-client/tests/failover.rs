@@ -1,8 +1,9 @@
 //! The durable connection against scripted servers: standby servers are
 //! skipped, dropped connections fail over, consumers come back, unreceipted
 //! sends are resent with the same producer id and sequence, transactions
-//! caught by a failover end with a definite error, and back-off paces the
-//! rounds when no server answers.
+//! caught by a failover end with a definite outcome (a COMMIT whose receipt
+//! was lost is settled under its key on the next server), and back-off paces
+//! the rounds when no server answers.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -430,53 +431,245 @@ async fn transaction_open_at_failover_is_rolled_back() {
     conn.close().await.unwrap();
 }
 
-#[tokio::test]
-async fn send_only_transaction_whose_commit_receipt_was_lost_is_re_run() {
-    let (primary, secondary) = pair().await;
-    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
-    let session = conn.session(SessionMode::Transacted);
-    let producer = session.producer("batch", "/queue/batch").await.unwrap();
-    producer.send("x").await.unwrap();
-    producer.send("y").await.unwrap();
+/// A replicated pair as it starts: COMMIT keys the primary applied are
+/// known to the secondary.
+async fn replicated_pair() -> (Fake, Fake) {
+    let primary = Fake::start(Mode::Active).await;
+    let secondary = Fake::start_replica(Mode::Passive, &primary).await;
+    (primary, secondary)
+}
+
+/// The primary dies on the next COMMIT, after applying it (`applied`) or
+/// before, and the secondary is the active server from then on.
+fn die_on_commit(primary: &Fake, secondary: &Fake, applied: bool) {
     primary.set_faults(Faults {
-        drop_on_commit: true,
+        drop_on_commit: !applied,
+        lose_commit_receipt: applied,
         ..Default::default()
     });
     primary.set_mode(Mode::Down);
     secondary.set_mode(Mode::Active);
-    session.commit().await.unwrap();
+}
 
-    let first = primary.frames_of(Command::Send);
-    let again = secondary.wait_for(Command::Send, 2).await;
-    assert_eq!(first.len(), 2);
-    for (a, b) in first.iter().zip(&again) {
-        assert_eq!(seq_of(a), seq_of(b));
-        assert_eq!(a.body, b.body);
-    }
-    assert_eq!(secondary.frames_of(Command::Commit).len(), 1);
-    conn.close().await.unwrap();
+/// The transaction key a COMMIT carries.
+fn key_of(commit: &Frame) -> (String, u64) {
+    seq_of(commit)
 }
 
 #[tokio::test]
-async fn transaction_with_acks_whose_commit_receipt_was_lost_is_in_doubt() {
-    let (primary, secondary) = pair().await;
-    let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+async fn send_only_transaction_whose_commit_receipt_was_lost_is_re_run() {
+    for applied in [false, true] {
+        let (primary, secondary) = replicated_pair().await;
+        let conn = builder(&[&primary, &secondary]).connect().await.unwrap();
+        let session = conn.session(SessionMode::Transacted);
+        let producer = session.producer("batch", "/queue/batch").await.unwrap();
+        producer.send("x").await.unwrap();
+        producer.send("y").await.unwrap();
+        // A send without a producer id and sequence is re-run as safely:
+        // the COMMIT's key covers the whole transaction.
+        producer
+            .send_with("z", fmq_client::SendOptions::new().persistent(false))
+            .await
+            .unwrap();
+        die_on_commit(&primary, &secondary, applied);
+        session.commit().await.unwrap();
+
+        let first = primary.frames_of(Command::Send);
+        let again = secondary.wait_for(Command::Send, 3).await;
+        assert_eq!(first.len(), 3);
+        for (a, b) in first.iter().zip(&again).take(2) {
+            assert_eq!(seq_of(a), seq_of(b));
+        }
+        for (a, b) in first.iter().zip(&again) {
+            assert_eq!(a.body, b.body);
+        }
+        // The re-run COMMIT carries the key of the first: the broker
+        // applies it only if the first was not.
+        let commit = primary.frames_of(Command::Commit);
+        let rerun = secondary.frames_of(Command::Commit);
+        assert_eq!((commit.len(), rerun.len()), (1, 1), "applied: {applied}");
+        let key = key_of(&commit[0]);
+        assert!(key.0.starts_with("app:tx-"), "{key:?}");
+        assert_ne!(key.0, producer.id());
+        assert_eq!(key.1, 1);
+        assert_eq!(key_of(&rerun[0]), key);
+        assert_eq!(rerun[0].get("transaction"), again[0].get("transaction"));
+
+        // The next commit takes the next sequence of the same key.
+        producer.send("next").await.unwrap();
+        session.commit().await.unwrap();
+        let commits = secondary.wait_for(Command::Commit, 2).await;
+        assert_eq!(key_of(&commits[1]), (key.0.clone(), 2));
+        conn.close().await.unwrap();
+    }
+}
+
+/// A transacted session holding `m1`, received from the primary.
+async fn received_in_transaction(
+    primary: &Fake,
+    secondary: &Fake,
+) -> (
+    Connection,
+    fmq_client::durable::Session,
+    fmq_client::durable::Consumer,
+) {
+    let conn = builder(&[primary, secondary]).connect().await.unwrap();
     let session = conn.session(SessionMode::Transacted);
     let mut consumer = session.consumer("/queue/in").await.unwrap();
     primary.wait_for(Command::Subscribe, 1).await;
     primary.deliver("/queue/in", "m1", "work", &[]);
     let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
     assert!(matches!(m.ack().await, Err(Error::Usage(_))));
-    primary.set_faults(Faults {
-        drop_on_commit: true,
-        ..Default::default()
-    });
-    let err = session.commit().await.unwrap_err();
-    assert!(matches!(err, Error::TransactionInDoubt(_)), "{err:?}");
+    (conn, session, consumer)
+}
+
+/// Checks the transaction's frames: on the primary its ACK and COMMIT; on
+/// the secondary an empty transaction committed under the same key.
+/// Returns the key.
+async fn settled_with_an_empty_commit(primary: &Fake, secondary: &Fake) -> (String, u64) {
     let acks = primary.frames_of(Command::Ack);
     assert_eq!(acks.len(), 1);
     assert_eq!(acks[0].get("id"), Some("ack-m1"));
-    assert!(acks[0].get("transaction").is_some());
+    let commit = primary.frames_of(Command::Commit);
+    assert_eq!(commit.len(), 1);
+    assert_eq!(acks[0].get("transaction"), commit[0].get("transaction"));
+    let key = key_of(&commit[0]);
+    assert!(key.0.starts_with("app:tx-"), "{key:?}");
+    assert_eq!(key.1, 1);
+
+    let settle = secondary.wait_for(Command::Commit, 1).await;
+    assert_eq!(key_of(&settle[0]), key);
+    assert!(settle[0].get("receipt").is_some());
+    let begin = secondary.frames_of(Command::Begin);
+    assert_eq!(begin.len(), 1);
+    assert_eq!(begin[0].get("transaction"), settle[0].get("transaction"));
+    assert!(secondary.frames_of(Command::Ack).is_empty());
+    assert!(secondary.frames_of(Command::Send).is_empty());
+    key
+}
+
+#[tokio::test]
+async fn transaction_with_acks_whose_commit_was_applied_before_the_receipt_was_lost_commits() {
+    let (primary, secondary) = replicated_pair().await;
+    let (conn, session, mut consumer) = received_in_transaction(&primary, &secondary).await;
+    die_on_commit(&primary, &secondary, true);
+    session.commit().await.unwrap();
+    let key = settled_with_an_empty_commit(&primary, &secondary).await;
+
+    // m1 counts as acknowledged: a copy of it is dropped (and acknowledged
+    // again), not handed to the application.
+    secondary.wait_for(Command::Subscribe, 1).await;
+    secondary.deliver("/queue/in", "m1", "work", &[("redelivered", "true")]);
+    secondary.deliver("/queue/in", "m2", "more", &[]);
+    let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(m.message_id(), "m2");
+    let acks = secondary.wait_for(Command::Ack, 1).await;
+    assert_eq!(acks[0].get("id"), Some("ack-m1"));
+    assert_eq!(acks[0].get("transaction"), None);
+    session.commit().await.unwrap();
+    let commits = secondary.wait_for(Command::Commit, 2).await;
+    assert_eq!(key_of(&commits[1]), (key.0, 2));
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn transaction_with_acks_whose_commit_was_not_applied_is_rolled_back() {
+    let (primary, secondary) = replicated_pair().await;
+    let (conn, session, mut consumer) = received_in_transaction(&primary, &secondary).await;
+    die_on_commit(&primary, &secondary, false);
+    let err = session.commit().await.unwrap_err();
+    let Error::TransactionRolledBack(reason) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        reason.contains("was not applied") && reason.contains("redelivered"),
+        "{reason}"
+    );
+    assert!(reason.contains(&secondary.address()), "{reason}");
+    let key = settled_with_an_empty_commit(&primary, &secondary).await;
+
+    // The broker redelivers m1; it was not acknowledged, so the consumer
+    // hands it over again, and it commits in the next transaction.
+    secondary.wait_for(Command::Subscribe, 1).await;
+    secondary.deliver("/queue/in", "m1", "work", &[("redelivered", "true")]);
+    let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();
+    assert_eq!(m.message_id(), "m1");
+    assert!(m.redelivered());
+    session.commit().await.unwrap();
+    let acks = secondary.wait_for(Command::Ack, 1).await;
+    assert_eq!(acks[0].get("id"), Some("ack-m1"));
+    let commits = secondary.wait_for(Command::Commit, 2).await;
+    assert_eq!(acks[0].get("transaction"), commits[1].get("transaction"));
+    assert_eq!(key_of(&commits[1]), (key.0, 2));
+    conn.close().await.unwrap();
+}
+
+/// Sends and commits one message in `session`; returns the key of that
+/// COMMIT, the `n`th `server` got.
+async fn commit_one(
+    server: &Fake,
+    session: &fmq_client::durable::Session,
+    n: usize,
+) -> (String, u64) {
+    let producer = session.producer("k", "/queue/k").await.unwrap();
+    producer.send("x").await.unwrap();
+    session.commit().await.unwrap();
+    let commits = server.wait_for(Command::Commit, n).await;
+    key_of(&commits[n - 1])
+}
+
+#[tokio::test]
+async fn transacted_sessions_have_their_own_keys_and_reuse_those_of_dropped_ones() {
+    let server = Fake::start(Mode::Active).await;
+    let conn = builder(&[&server]).connect().await.unwrap();
+    let a = conn.session(SessionMode::Transacted);
+    let b = conn.session(SessionMode::Transacted);
+    let a1 = commit_one(&server, &a, 1).await;
+    let b1 = commit_one(&server, &b, 2).await;
+    let a2 = commit_one(&server, &a, 3).await;
+    assert_ne!(a1.0, b1.0, "sessions open at once have their own keys");
+    assert_eq!((a1.1, b1.1), (1, 1));
+    assert_eq!(a2, (a1.0.clone(), 2));
+    // A session made after one was dropped takes its key, counter going on.
+    drop(a);
+    let c = conn.session(SessionMode::Transacted);
+    assert_eq!(commit_one(&server, &c, 4).await, (a1.0, 3));
+    // A session that never committed hands its key on unused.
+    drop(b);
+    let idle = conn.session(SessionMode::Transacted);
+    drop(idle);
+    let d = conn.session(SessionMode::Transacted);
+    assert_eq!(commit_one(&server, &d, 5).await, (b1.0, 2));
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn commit_is_in_doubt_only_when_no_server_settles_it_in_time() {
+    let (primary, secondary) = replicated_pair().await;
+    let conn = builder(&[&primary, &secondary])
+        .request_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let session = conn.session(SessionMode::Transacted);
+    let producer = session.producer("lost", "/queue/lost").await.unwrap();
+    producer.send("x").await.unwrap();
+    // Both servers are gone once the COMMIT left.
+    die_on_commit(&primary, &secondary, true);
+    secondary.set_mode(Mode::Down);
+    let started = Instant::now();
+    let err = session.commit().await.unwrap_err();
+    let Error::TransactionInDoubt(reason) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(reason.contains("no server answered"), "{reason}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(primary.frames_of(Command::Commit).len(), 1);
+    assert!(secondary.frames_of(Command::Commit).is_empty());
     conn.close().await.unwrap();
 }
 

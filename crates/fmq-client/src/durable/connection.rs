@@ -25,7 +25,7 @@ use super::backoff::Backoff;
 use super::consumer::ConsumerShared;
 use super::event::{Event, Events};
 use super::outbox::{Limits, Outbox, SendRecord};
-use super::session::{Session, SessionMode};
+use super::session::{CommitKey, Session, SessionMode};
 use super::{PRODUCER_ID_HEADER, SEQUENCE_HEADER};
 use crate::client::{Client, ConnectOptions};
 use crate::error::{Error, Result};
@@ -216,6 +216,7 @@ impl ConnectionBuilder {
             first_failure: watch::channel(None).0,
             last_round: Mutex::new(Vec::new()),
             manager: Mutex::new(None),
+            commit_keys: Mutex::new(Vec::new()),
         });
         let mut link = inner.link.subscribe();
         let mut failure = inner.first_failure.subscribe();
@@ -405,6 +406,10 @@ pub(crate) struct Inner {
     /// What each server answered in the last failed round.
     last_round: Mutex<Vec<String>>,
     manager: Mutex<Option<JoinHandle<()>>>,
+    /// Transaction keys of dropped transacted sessions, for new ones: the
+    /// broker then tracks as many keys as sessions were open at once, not
+    /// one per session ever made.
+    commit_keys: Mutex<Vec<CommitKey>>,
 }
 
 impl Inner {
@@ -462,6 +467,19 @@ impl Inner {
     /// Forgets a consumer.
     pub fn unregister(&self, key: u64) {
         lock(&self.consumers).remove(&key);
+    }
+
+    /// A transaction key for a new transacted session: one a dropped
+    /// session left (its counter goes on), else a new one.
+    pub fn commit_key(&self) -> CommitKey {
+        lock(&self.commit_keys)
+            .pop()
+            .unwrap_or_else(|| CommitKey::new(self.config.client_id.as_deref()))
+    }
+
+    /// Takes back the transaction key of a dropped session.
+    pub fn recycle_commit_key(&self, key: CommitKey) {
+        lock(&self.commit_keys).push(key);
     }
 }
 

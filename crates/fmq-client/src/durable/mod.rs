@@ -73,10 +73,19 @@
 //! * A transaction open when the connection fails over is rolled back by
 //!   the broker; [`Session::commit`] then returns
 //!   [`Error::TransactionRolledBack`](crate::Error::TransactionRolledBack).
-//!   If the connection drops after COMMIT left, a transaction of sends only
-//!   is re-run on the next server with the same producer ids and sequences;
-//!   one that also acknowledged messages ends in
-//!   [`Error::TransactionInDoubt`](crate::Error::TransactionInDoubt).
+//! * Every COMMIT carries the session's transaction key (its own
+//!   `fmq-producer-id` and a commit counter as `fmq-sequence`), which the
+//!   broker applies once. If the connection drops after COMMIT left, the
+//!   outcome is settled on the next server under the same key: a
+//!   transaction of sends only is re-run (and dropped whole by the broker
+//!   if the first COMMIT was applied), so the commit succeeds; one that
+//!   also acknowledged messages is settled by an empty COMMIT with the
+//!   key, and the commit succeeds if the broker had the key already, or
+//!   returns [`Error::TransactionRolledBack`](crate::Error::TransactionRolledBack)
+//!   (messages redelivered) if the empty COMMIT took it, which fences the
+//!   first one off for good. Only when no server answers the settling
+//!   COMMIT within the request timeout, or one refuses it, does the commit
+//!   return [`Error::TransactionInDoubt`](crate::Error::TransactionInDoubt).
 //! * Every call that waits on a server is bounded by the builder's
 //!   timeouts.
 
@@ -96,9 +105,12 @@ pub use event::{Event, Events};
 pub use producer::{Producer, SendOptions, SendOutcome};
 pub use session::{Session, SessionMode};
 
-/// SEND header naming the producer of a persistent message.
+/// SEND header naming the producer of a persistent message; COMMIT header
+/// naming the session's transaction key.
 pub const PRODUCER_ID_HEADER: &str = "fmq-producer-id";
-/// SEND header carrying the producer's sequence number.
+/// SEND header carrying the producer's sequence number; COMMIT header
+/// carrying the session's commit counter.
 pub const SEQUENCE_HEADER: &str = "fmq-sequence";
-/// RECEIPT header set to `true` when the broker already had the send.
+/// RECEIPT header set to `true` when the broker already had the send, or
+/// the COMMIT's key.
 pub const DUPLICATE_HEADER: &str = "fmq-duplicate";

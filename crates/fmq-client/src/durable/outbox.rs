@@ -745,7 +745,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// A producer id the broker accepts (1 to 128 printable bytes), readable:
 /// `CLIENT-ID:NAME:RANDOM`, the client part shortened when too long.
-fn make_producer_id(client_id: Option<&str>, name: &str) -> String {
+pub(crate) fn make_producer_id(client_id: Option<&str>, name: &str) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| if c.is_control() { '_' } else { c })

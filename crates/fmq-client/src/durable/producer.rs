@@ -227,7 +227,7 @@ impl Producer {
             }
             let frame = frame.with_body(body);
             if let Some(tx) = &self.session.tx {
-                tx.lock().await.send(inner, frame, false).await?;
+                tx.lock().await.send(inner, frame).await?;
                 return Ok(SendOutcome::InTransaction);
             }
             let link = inner.wait_link(inner.config.request_timeout).await?;
@@ -244,10 +244,7 @@ impl Producer {
         };
         if let Some(tx) = &self.session.tx {
             debug_assert_eq!(self.session.mode, SessionMode::Transacted);
-            tx.lock()
-                .await
-                .send(inner, send_frame(&record), true)
-                .await?;
+            tx.lock().await.send(inner, send_frame(&record)).await?;
             return Ok(SendOutcome::InTransaction);
         }
         if inner.outbox.is_direct() {

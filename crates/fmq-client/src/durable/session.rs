@@ -9,7 +9,9 @@ use tokio::sync::Mutex;
 use super::connection::{is_transient, Connection, Inner, Link};
 use super::consumer::{Consumer, ConsumerOptions, ConsumerShared};
 use super::dedupe::ProducerKey;
+use super::outbox::make_producer_id;
 use super::producer::Producer;
+use super::{DUPLICATE_HEADER, PRODUCER_ID_HEADER, SEQUENCE_HEADER};
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::subscription::{AckMode, Message as RawMessage};
@@ -30,7 +32,9 @@ pub enum SessionMode {
     /// Sends and receipts take effect together at [`Session::commit`], or
     /// not at all ([`Session::rollback`]). Persistent sends of a transacted
     /// session are not buffered while disconnected: a transaction lives on
-    /// one connection.
+    /// one connection. Each COMMIT carries the session's transaction key
+    /// (`fmq-producer-id`/`fmq-sequence`), so its outcome can be learnt
+    /// after a lost RECEIPT (see [`Session::commit`]).
     Transacted,
 }
 
@@ -64,6 +68,52 @@ pub(crate) struct SessionShared {
     pub mode: SessionMode,
     /// The open transaction of a transacted session.
     pub tx: Option<Mutex<TxState>>,
+    /// The transaction key of a transacted session; held for the whole of
+    /// a commit, so commits of one session run one at a time, in key order.
+    commit_key: Option<Mutex<CommitKey>>,
+}
+
+impl Drop for SessionShared {
+    fn drop(&mut self) {
+        if let Some(key) = self.commit_key.take() {
+            self.conn.inner.recycle_commit_key(key.into_inner());
+        }
+    }
+}
+
+/// The key every COMMIT of a transacted session carries: the session's own
+/// producer id and a commit counter. The broker applies a COMMIT whose
+/// sequence is not above the id's mark as a no-op, answered
+/// `fmq-duplicate:true`; that is what settles a COMMIT whose RECEIPT was
+/// lost.
+///
+/// One session uses a key at a time; a dropped session's key goes to the
+/// next transacted session of the connection, its counter going on.
+#[derive(Debug)]
+pub(crate) struct CommitKey {
+    /// `CLIENT-ID:tx-RANDOM:RANDOM`: made like a producer id, never used by
+    /// a producer.
+    producer: String,
+    /// The sequence of the next COMMIT, from 1; moves once a COMMIT left.
+    next: u64,
+}
+
+impl CommitKey {
+    pub(crate) fn new(client_id: Option<&str>) -> CommitKey {
+        let name = format!("tx-{:016x}", rand::random::<u64>());
+        CommitKey {
+            producer: make_producer_id(client_id, &name),
+            next: 1,
+        }
+    }
+
+    /// A COMMIT frame of transaction `id` under key `sequence`.
+    fn frame(&self, id: &str, sequence: u64) -> Frame {
+        Frame::new(Command::Commit)
+            .header("transaction", id)
+            .header(PRODUCER_ID_HEADER, self.producer.as_str())
+            .header(SEQUENCE_HEADER, sequence.to_string())
+    }
 }
 
 impl SessionShared {
@@ -95,9 +145,6 @@ pub(crate) struct TxState {
     /// Its SEND frames, kept to re-run a send-only transaction whose
     /// COMMIT receipt was lost.
     sends: Vec<Frame>,
-    /// Whether every send carries a producer id and sequence (so a re-run
-    /// cannot duplicate on a broker that checks them).
-    untagged_sends: bool,
     /// Messages received in it, acknowledged at commit.
     received: Vec<Received>,
     /// Set when the transaction can no longer commit: why.
@@ -175,7 +222,7 @@ impl TxState {
     }
 
     /// Sends `frame` in the transaction.
-    pub(crate) async fn send(&mut self, inner: &Inner, frame: Frame, tagged: bool) -> Result<()> {
+    pub(crate) async fn send(&mut self, inner: &Inner, frame: Frame) -> Result<()> {
         let (id, client) = self.begin(inner).await?;
         let mut sent = frame.clone();
         sent.headers.push("transaction", id);
@@ -183,7 +230,6 @@ impl TxState {
             return Err(self.break_with(format!("the connection was lost: {e}")));
         }
         self.sends.push(frame);
-        self.untagged_sends |= !tagged;
         Ok(())
     }
 
@@ -212,9 +258,16 @@ impl TxState {
 
 impl Session {
     pub(crate) fn new(conn: Connection, mode: SessionMode) -> Session {
-        let tx = (mode == SessionMode::Transacted).then(|| Mutex::new(TxState::default()));
+        let transacted = mode == SessionMode::Transacted;
+        let tx = transacted.then(|| Mutex::new(TxState::default()));
+        let commit_key = transacted.then(|| Mutex::new(conn.inner.commit_key()));
         Session {
-            shared: Arc::new(SessionShared { conn, mode, tx }),
+            shared: Arc::new(SessionShared {
+                conn,
+                mode,
+                tx,
+                commit_key,
+            }),
         }
     }
 
@@ -289,18 +342,40 @@ impl Session {
     ///
     /// Returns [`Error::TransactionRolledBack`] when nothing was committed:
     /// the connection failed over while the transaction was open (or while
-    /// COMMIT was being sent), or the server refused it. If the connection
-    /// drops after COMMIT left, a transaction of sends only is re-run on
-    /// the next connection (same producer ids and sequences, so a broker
-    /// that checks them does not apply it twice) within the request
-    /// timeout; one that also acknowledged messages returns
-    /// [`Error::TransactionInDoubt`]. Never waits longer than about twice
-    /// the request timeout.
+    /// COMMIT was being sent), or the server refused it.
+    ///
+    /// Every COMMIT carries the session's transaction key
+    /// (`fmq-producer-id`/`fmq-sequence`, see `docs/dedupe.md`), and the
+    /// broker applies a key once. If the connection drops after COMMIT
+    /// left and before its RECEIPT, the outcome is settled on the next
+    /// connection under the same key, within the request timeout:
+    ///
+    /// * a transaction of sends only is re-run there. It is applied once
+    ///   either way: the broker drops the re-run whole if the first COMMIT
+    ///   was applied. Returns `Ok(())`.
+    /// * a transaction that acknowledged messages is settled with an empty
+    ///   transaction under the same key. If the broker answers that the key
+    ///   was committed already, the transaction was applied: `Ok(())`.
+    ///   Otherwise the empty COMMIT took the key, so the first one can never
+    ///   be applied any more, wherever it is: [`Error::TransactionRolledBack`],
+    ///   its sends discarded and its messages redelivered.
+    ///
+    /// [`Error::TransactionInDoubt`] remains only when no server accepted
+    /// that settling COMMIT within the request timeout, or a server refused
+    /// it. Commits of one session run one at a time; one never waits longer
+    /// than about twice the request timeout once the previous one ended.
     pub async fn commit(&self) -> Result<()> {
-        let mut tx = self.tx("commit")?.lock().await;
+        let (Some(tx), Some(key)) = (&self.shared.tx, &self.shared.commit_key) else {
+            return Err(Error::Usage("commit needs a transacted session".into()));
+        };
+        // Commits of a session go one at a time, so their keys reach the
+        // broker in order (a lower key arriving after a higher one would be
+        // taken for a duplicate).
+        let mut key = key.lock().await;
+        let mut tx = tx.lock().await;
         let state = std::mem::take(&mut *tx);
         drop(tx);
-        commit(self.shared.inner(), state).await
+        commit(self.shared.inner(), state, &mut key).await
     }
 
     /// Rolls the open transaction back: its sends are discarded and the
@@ -321,19 +396,26 @@ impl Session {
                 }
             }
         }
-        for r in &state.received {
-            if r.message.client().is_connected() {
-                if let Err(e) = r.message.nack().await {
-                    tracing::debug!(error = %e, "NACK after rollback failed; the message is redelivered anyway");
-                }
-            }
-        }
+        give_back(&state.received).await;
         Ok(())
     }
 }
 
-/// Commits `tx` (taken out of the session, which starts afresh).
-async fn commit(inner: &Inner, mut tx: TxState) -> Result<()> {
+/// NACKs messages received in a transaction that did not commit, so the
+/// broker redelivers them now rather than when the connection ends.
+async fn give_back(received: &[Received]) {
+    for r in received {
+        if r.message.client().is_connected() {
+            if let Err(e) = r.message.nack().await {
+                tracing::debug!(error = %e, "NACK after rollback failed; the message is redelivered anyway");
+            }
+        }
+    }
+}
+
+/// Commits `tx` (taken out of the session, which starts afresh) under the
+/// session's transaction key.
+async fn commit(inner: &Inner, mut tx: TxState, key: &mut CommitKey) -> Result<()> {
     if let Some(reason) = tx.broken.take() {
         return Err(Error::TransactionRolledBack(reason));
     }
@@ -354,21 +436,32 @@ async fn commit(inner: &Inner, mut tx: TxState) -> Result<()> {
     }
     let timeout = inner.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let frame = Frame::new(Command::Commit).header("transaction", id.as_str());
-    let pending = match client.start_request(frame).await {
+    let sequence = key.next;
+    let pending = match client.start_request(key.frame(&id, sequence)).await {
         Ok(p) => p,
         Err(e) => {
+            // Not queued: the broker never sees this key, which the next
+            // COMMIT may use.
             return Err(Error::TransactionRolledBack(format!(
                 "COMMIT could not be sent: {e}"
-            )))
+            )));
         }
     };
+    key.next += 1;
     let receipt = pending.receipt().to_owned();
     let error = match pending.wait_until(deadline).await {
+        Ok(frame) if is_duplicate(&frame) => {
+            // Only this session uses the key and it never repeats one, so
+            // this is not expected; but the broker applied nothing.
+            tracing::warn!(producer = %key.producer, sequence, "the server had this COMMIT's key already; nothing of the transaction was applied");
+            give_back(&tx.received).await;
+            return Err(Error::TransactionRolledBack(format!(
+                "the server had the transaction key {}/{sequence} already and applied nothing",
+                key.producer
+            )));
+        }
         Ok(_) => {
-            for r in &tx.received {
-                r.consumer.acknowledged(&r.identity, r.key.clone());
-            }
+            tx.acknowledged();
             return Ok(());
         }
         Err(e) => e,
@@ -378,25 +471,45 @@ async fn commit(inner: &Inner, mut tx: TxState) -> Result<()> {
             "the server refused the commit: {error}"
         )));
     }
-    // COMMIT left; its outcome is unknown.
+    // COMMIT left; its outcome is unknown until a server answers for its
+    // key.
     client.abort(error.clone());
-    if !tx.received.is_empty() || tx.untagged_sends {
-        return Err(Error::TransactionInDoubt(format!(
-            "the connection was lost after COMMIT was sent ({error}); \
-             the transaction may or may not have been applied"
-        )));
-    }
-    rerun(inner, &tx, error).await
+    settle(inner, &tx, key, sequence, error).await
 }
 
-/// Runs a send-only transaction again, with the same producer ids and
-/// sequences, on a newer connection, until it commits or the request
-/// timeout passes.
-async fn rerun(inner: &Inner, tx: &TxState, first: Error) -> Result<()> {
+/// Whether a RECEIPT says the broker had its frame's key already.
+fn is_duplicate(receipt: &Frame) -> bool {
+    receipt.get(DUPLICATE_HEADER) == Some("true")
+}
+
+impl TxState {
+    /// Remembers the transaction's messages as acknowledged, so the
+    /// consumers drop redeliveries of them.
+    fn acknowledged(&self) {
+        for r in &self.received {
+            r.consumer.acknowledged(&r.identity, r.key.clone());
+        }
+    }
+}
+
+/// Settles a transaction whose COMMIT (key `sequence`) left and whose
+/// RECEIPT was lost, on a connection newer than the transaction's, before
+/// the request timeout passes: a send-only transaction is run again under
+/// the same key; one that acknowledged messages is replaced by an empty
+/// transaction under the same key. Either way the broker applies at most
+/// one COMMIT with the key, and says whether it had it already.
+async fn settle(
+    inner: &Inner,
+    tx: &TxState,
+    key: &CommitKey,
+    sequence: u64,
+    first: Error,
+) -> Result<()> {
     let timeout = inner.config.request_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut after = tx.generation.unwrap_or(0);
     let mut last = first;
+    let rerun = tx.received.is_empty();
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let link = match inner.wait_link_after(after, left).await {
@@ -404,7 +517,7 @@ async fn rerun(inner: &Inner, tx: &TxState, first: Error) -> Result<()> {
             Err(e) => {
                 return Err(Error::TransactionInDoubt(format!(
                     "the connection was lost after COMMIT was sent ({last}) and no server \
-                     took the transaction again in time ({e})"
+                     answered for the transaction in time ({e}); it may or may not have been applied"
                 )))
             }
         };
@@ -414,28 +527,28 @@ async fn rerun(inner: &Inner, tx: &TxState, first: Error) -> Result<()> {
         let mut result = client
             .write(Frame::new(Command::Begin).header("transaction", id.as_str()))
             .await;
-        for frame in &tx.sends {
-            if result.is_err() {
-                break;
+        if rerun {
+            for frame in &tx.sends {
+                if result.is_err() {
+                    break;
+                }
+                let mut f = frame.clone();
+                f.headers.push("transaction", id.as_str());
+                result = client.write(f).await;
             }
-            let mut f = frame.clone();
-            f.headers.push("transaction", id.as_str());
-            result = client.write(f).await;
         }
         if result.is_ok() {
-            let commit = Frame::new(Command::Commit).header("transaction", id.as_str());
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match client.start_request(commit).await {
+            match client.start_request(key.frame(&id, sequence)).await {
                 Ok(pending) => {
                     let receipt = pending.receipt().to_owned();
                     match pending.wait_until(tokio::time::Instant::now() + left).await {
-                        Ok(_) => {
-                            tracing::info!(server = %link.server, "transaction re-run after a lost COMMIT receipt");
-                            return Ok(());
-                        }
+                        Ok(frame) => return settled(&link, tx, key, sequence, &frame, &last),
                         Err(e) if client.refused(&receipt) && !is_transient(&e) => {
                             return Err(Error::TransactionInDoubt(format!(
-                                "the re-run of a transaction whose COMMIT receipt was lost was refused: {e}"
+                                "the connection was lost after COMMIT was sent ({last}) and the \
+                                 server refused the COMMIT that was to settle it: {e}; the \
+                                 transaction may or may not have been applied"
                             )))
                         }
                         Err(e) => result = Err(e),
@@ -449,4 +562,37 @@ async fn rerun(inner: &Inner, tx: &TxState, first: Error) -> Result<()> {
             last = e;
         }
     }
+}
+
+/// The outcome of a transaction whose COMMIT receipt was lost, from the
+/// RECEIPT of the COMMIT that settled it.
+fn settled(
+    link: &Link,
+    tx: &TxState,
+    key: &CommitKey,
+    sequence: u64,
+    receipt: &Frame,
+    lost: &Error,
+) -> Result<()> {
+    let applied_before = is_duplicate(receipt);
+    let (server, producer) = (&link.server, &key.producer);
+    if tx.received.is_empty() {
+        if applied_before {
+            tracing::info!(%server, %producer, sequence, "the COMMIT whose receipt was lost had been applied; its re-run was dropped");
+        } else {
+            tracing::info!(%server, %producer, sequence, "transaction re-run after a lost COMMIT receipt");
+        }
+        return Ok(());
+    }
+    if applied_before {
+        tracing::info!(%server, %producer, sequence, "the COMMIT whose receipt was lost had been applied");
+        tx.acknowledged();
+        return Ok(());
+    }
+    tracing::info!(%server, %producer, sequence, "the COMMIT whose receipt was lost was not applied; its key is now taken");
+    Err(Error::TransactionRolledBack(format!(
+        "the connection was lost after COMMIT was sent ({lost}), and {server} confirmed \
+         that the transaction was not applied and now never will be; its messages will be \
+         redelivered"
+    )))
 }

@@ -2,9 +2,14 @@
 //! an active server (answers CONNECTED and receipts), a standby one
 //! (refuses CONNECT with the HA front's ERROR), or a dead one (drops every
 //! connection), switch between them at run time, drop its connections,
-//! record every frame it receives and deliver MESSAGE frames.
+//! record every frame it receives and deliver MESSAGE frames. It keeps the
+//! broker's marks for COMMIT keys (`fmq-producer-id`/`fmq-sequence`): a
+//! COMMIT whose key is not above its mark is receipted with
+//! `fmq-duplicate:true`. A replica shares its marks, as the servers of a
+//! replicated pair do.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,8 +36,12 @@ pub enum Mode {
 pub struct Faults {
     /// Hang up on every SEND (after recording it), without a receipt.
     pub drop_on_send: bool,
-    /// Hang up on every COMMIT (after recording it), without a receipt.
+    /// Hang up on every COMMIT (after recording it), without applying it
+    /// or answering it: a server that dies as the COMMIT arrives.
     pub drop_on_commit: bool,
+    /// Apply every COMMIT (its key's mark moves), then hang up without the
+    /// receipt: a server that dies once the COMMIT is stored.
+    pub lose_commit_receipt: bool,
 }
 
 /// The ERROR a standby FerroMQ server answers CONNECT with.
@@ -49,6 +58,8 @@ struct State {
     /// (connection index, subscription id, destination) of each SUBSCRIBE.
     subs: Mutex<Vec<(usize, String, String)>>,
     connects: Mutex<usize>,
+    /// COMMIT key marks: producer id -> highest sequence applied.
+    marks: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 enum Control {
@@ -65,6 +76,15 @@ pub struct Fake {
 
 impl Fake {
     pub async fn start(mode: Mode) -> Fake {
+        Self::start_with(mode, Arc::default()).await
+    }
+
+    /// A server sharing `of`'s COMMIT key marks (its replicated peer).
+    pub async fn start_replica(mode: Mode, of: &Fake) -> Fake {
+        Self::start_with(mode, of.state.marks.clone()).await
+    }
+
+    async fn start_with(mode: Mode, marks: Arc<Mutex<HashMap<String, u64>>>) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(State {
@@ -75,6 +95,7 @@ impl Fake {
             conns: Mutex::new(Vec::new()),
             subs: Mutex::new(Vec::new()),
             connects: Mutex::new(0),
+            marks,
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -247,6 +268,10 @@ async fn serve(stream: TcpStream, state: Arc<State>) {
                 }
                 let command = frame.command;
                 let receipt = frame.get("receipt").map(str::to_owned);
+                let key = frame
+                    .get("fmq-producer-id")
+                    .zip(frame.get("fmq-sequence"))
+                    .map(|(p, s)| (p.to_owned(), s.parse::<u64>().unwrap()));
                 state.frames.lock().unwrap().push(frame);
                 state.arrived.notify_waiters();
                 if (command == Command::Send && faults.drop_on_send)
@@ -254,8 +279,15 @@ async fn serve(stream: TcpStream, state: Arc<State>) {
                 {
                     return;
                 }
+                let duplicate = command == Command::Commit && apply_commit_key(&state, &key);
+                if command == Command::Commit && faults.lose_commit_receipt {
+                    return;
+                }
                 if let Some(r) = receipt {
-                    let reply = Frame::new(Command::Receipt).header("receipt-id", r);
+                    let mut reply = Frame::new(Command::Receipt).header("receipt-id", r);
+                    if duplicate {
+                        reply.headers.push("fmq-duplicate", "true");
+                    }
                     if writer.send(Item::Frame(reply)).await.is_err() {
                         return;
                     }
@@ -266,4 +298,19 @@ async fn serve(stream: TcpStream, state: Arc<State>) {
             }
         }
     }
+}
+
+/// Checks a COMMIT's key against the marks, moving the mark when fresh.
+/// Returns whether the COMMIT is a duplicate.
+fn apply_commit_key(state: &State, key: &Option<(String, u64)>) -> bool {
+    let Some((producer, sequence)) = key else {
+        return false;
+    };
+    let mut marks = state.marks.lock().unwrap();
+    let mark = marks.entry(producer.clone()).or_insert(0);
+    if *sequence <= *mark {
+        return true;
+    }
+    *mark = *sequence;
+    false
 }
