@@ -73,6 +73,11 @@ pub struct Security {
     store: Arc<dyn Store>,
     enabled: bool,
     state: RwLock<State>,
+    /// Password checks running at once. Each argon2 verification holds
+    /// about 19 MiB and a core for tens of milliseconds; after a failover
+    /// every client logs in again at the same moment, and without a bound
+    /// that storm took one broker to gigabytes of memory.
+    verifications: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Security {
@@ -112,10 +117,12 @@ impl Security {
             }
             Ok(())
         })?;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Ok(Security {
             store,
             enabled,
             state: RwLock::new(state),
+            verifications: Arc::new(tokio::sync::Semaphore::new(cores)),
         })
     }
 
@@ -135,8 +142,36 @@ impl Security {
         Ok(true)
     }
 
-    /// Checks a login. CPU-heavy by design (argon2): call it off the async
-    /// workers (`spawn_blocking`). The error is the text for the client.
+    /// Checks a login off the async workers, at most one check per core at
+    /// a time (the others wait their turn): [`Security::authenticate`] for
+    /// async callers. The error is the text for the client.
+    pub async fn login(
+        self: &Arc<Self>,
+        login: Option<String>,
+        passcode: Option<String>,
+    ) -> Result<String, String> {
+        if !self.enabled {
+            return self.authenticate(login.as_deref(), passcode.as_deref());
+        }
+        let permit = self
+            .verifications
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| "authentication failed: the server is stopping".to_owned())?;
+        let security = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            security.authenticate(login.as_deref(), passcode.as_deref())
+        })
+        .await
+        .map_err(|e| format!("authentication failed: {e}"))?
+    }
+
+    /// Checks a login. CPU-heavy by design (argon2): async code calls
+    /// [`Security::login`] instead, which runs it off the async workers
+    /// with a bound on how many run at once. The error is the text for the
+    /// client.
     pub fn authenticate(
         &self,
         login: Option<&str>,
@@ -409,6 +444,7 @@ pub fn pattern_matches(pattern: &str, destination: &str) -> bool {
 mod tests {
     use super::*;
     use fmq_store::MemoryStore;
+    use std::time::Duration;
 
     #[test]
     fn wildcard_patterns() {
@@ -422,6 +458,32 @@ mod tests {
         assert!(!pattern_matches("orders.>", "/topic/orders"));
         assert!(pattern_matches("/topic/a", "/topic/a"));
         assert!(!pattern_matches("/topic/a", "/topic/ab"));
+    }
+
+    #[tokio::test]
+    async fn logins_wait_for_a_verification_slot() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let sec = Arc::new(Security::load(store, true).expect("load"));
+        sec.add_user("bob", "secret").await.expect("add");
+        // Every slot taken, as by a storm of logins after a failover.
+        let slots = sec.verifications.available_permits();
+        let held = sec
+            .verifications
+            .clone()
+            .acquire_many_owned(u32::try_from(slots).expect("slots"))
+            .await
+            .expect("permits");
+        let login = tokio::spawn({
+            let sec = sec.clone();
+            async move { sec.login(Some("bob".into()), Some("secret".into())).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!login.is_finished(), "a login ran without a free slot");
+        drop(held);
+        assert_eq!(login.await.expect("join"), Ok("bob".to_owned()));
+        let wrong = sec.login(Some("bob".into()), Some("nope".into())).await;
+        assert!(wrong.is_err_and(|e| e.contains("wrong user name or password")));
+        assert_eq!(sec.verifications.available_permits(), slots);
     }
 
     #[test]

@@ -328,13 +328,11 @@ async fn connect(id: SessionId, frame: &Frame, shared: &Arc<Shared>) -> Result<C
     let (send_hb, recv_hb) = negotiate_heart_beat(shared.config.heart_beat, theirs);
     let login = frame.get("login").map(str::to_owned);
     let passcode = frame.get("passcode").map(str::to_owned);
-    let security = shared.security.clone();
-    let principal = tokio::task::spawn_blocking(move || {
-        security.authenticate(login.as_deref(), passcode.as_deref())
-    })
-    .await
-    .map_err(|e| refuse(format!("authentication failed: {e}")))?
-    .map_err(refuse)?;
+    let principal = shared
+        .security
+        .login(login, passcode)
+        .await
+        .map_err(refuse)?;
     let client_id = frame
         .get("client-id")
         .filter(|c| !c.is_empty())
