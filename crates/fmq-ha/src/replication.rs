@@ -532,7 +532,14 @@ impl Feed {
         }
         let mut out = Vec::new();
         let mut size = 0;
-        for (seq, b, _) in ring.entries.iter().skip((from - first) as usize) {
+        // `range`, not `iter().skip()`: the ring holds up to 32 MB of
+        // batches (tens of thousands of small ones), and the live stream
+        // only ever wants its tail.
+        let start = usize::try_from(from - first).unwrap_or(usize::MAX);
+        if start >= ring.entries.len() {
+            return Vec::new();
+        }
+        for (seq, b, _) in ring.entries.range(start..) {
             out.push((*seq, b.clone()));
             size += b.len();
             if size >= max_bytes {
