@@ -5,10 +5,12 @@
 //!
 //! - kill -9 of the ACTIVE under load, three times (the killed server is
 //!   restarted and the pair is ACTIVE/PASSIVE again before the next kill):
-//!   a durable producer sending persistent messages and a durable consumer
-//!   with client-individual acknowledgements run through it all without
-//!   handling a single error; every message sent is delivered to the
-//!   application exactly once;
+//!   a durable producer sending persistent messages, a transacted relay
+//!   (receive, send a copy to a second queue, commit) and a durable
+//!   consumer of the second queue with client-individual acknowledgements
+//!   run through it all without handling an error (the relay only takes a
+//!   rolled-back transaction as "redo it", as in JMS); every message sent
+//!   is delivered to the consumer exactly once;
 //! - both servers down for a while: the producer's sends return `Buffered`
 //!   and wait in its buffer; once the servers are back the consumer gets
 //!   exactly those messages, in order, once;
@@ -299,6 +301,10 @@ struct Progress {
     received: Mutex<Vec<String>>,
     /// Messages whose body does not match their `x-id`.
     corrupt: Mutex<Vec<String>>,
+    /// Transactions of the relay that committed.
+    relayed: AtomicUsize,
+    /// Transactions of the relay reported rolled back (then redone).
+    rolled_back: AtomicUsize,
 }
 
 impl Progress {
@@ -330,6 +336,7 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
     let _serial = serial().await;
     let t0 = Instant::now();
     let queue = "/queue/t15.load";
+    let relayed = "/queue/t15.relayed";
     let mut pair = new_pair(mode);
     let mut active = block(|| start_pair(&mut pair, mode))?;
     println!(
@@ -346,10 +353,15 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
         .receive_timeout(Duration::from_secs(1));
     let consumer_events = Recorder::start("consumer", cb.events(), t0);
     let consumer_conn = cb.connect().await.context("consumer connection")?;
+    let rb = client(&pair, "t15-load-relay", &buffers.path().join("relay"))
+        .receive_timeout(Duration::from_secs(1));
+    let relay_events = Recorder::start("relay", rb.events(), t0);
+    let relay_conn = rb.connect().await.context("relay connection")?;
 
     let progress = Arc::new(Progress::default());
     let stop_producer = CancellationToken::new();
     let stop_consumer = CancellationToken::new();
+    let stop_relay = CancellationToken::new();
 
     // The application: sends and receives, and handles no error at all.
     let mut producer_task: JoinHandle<fmq_client::Result<Outcomes>> = {
@@ -384,6 +396,43 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
             Ok(outcomes)
         })
     };
+    // The classic transacted step between them: receive from the load
+    // queue, send a copy on, commit both at once. A transaction caught by
+    // a failover ends committed or rolled back, never in doubt; rolled
+    // back, its message comes again and is relayed then.
+    let mut relay_task: JoinHandle<fmq_client::Result<()>> = {
+        let (conn, progress, stop) = (relay_conn.clone(), progress.clone(), stop_relay.clone());
+        tokio::spawn(async move {
+            let session = conn.session(SessionMode::Transacted);
+            let mut consumer = session.consumer(queue).await?;
+            let producer = session.producer("relay", relayed).await?;
+            while !stop.is_cancelled() {
+                let step = async {
+                    let Some(m) = consumer.receive().await? else {
+                        return Ok(false);
+                    };
+                    let id = m.header("x-id").unwrap_or("(no x-id)").to_owned();
+                    let options = SendOptions::new().header("x-id", id.as_str());
+                    producer.send_with(m.body().to_vec(), options).await?;
+                    session.commit().await.map(|()| true)
+                };
+                match step.await {
+                    Ok(true) => {
+                        progress.relayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    // Caught by a failover (at receive, send or commit):
+                    // nothing of it was applied; start the next one.
+                    Err(fmq_client::Error::TransactionRolledBack(_)) => {
+                        progress.rolled_back.fetch_add(1, Ordering::Relaxed);
+                        session.rollback().await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            consumer.close().await
+        })
+    };
     let mut consumer_task: JoinHandle<fmq_client::Result<()>> = {
         let (conn, progress, stop) = (
             consumer_conn.clone(),
@@ -392,7 +441,7 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
         );
         tokio::spawn(async move {
             let session = conn.session(SessionMode::ClientIndividual);
-            let mut consumer = session.consumer(queue).await?;
+            let mut consumer = session.consumer(relayed).await?;
             while !stop.is_cancelled() {
                 let Some(m) = consumer.receive().await? else {
                     continue;
@@ -418,8 +467,9 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
 
     let context = |pair: &LocalPair| {
         format!(
-            "{}{}{}",
+            "{}{}{}{}",
             producer_events.show(),
+            relay_events.show(),
             consumer_events.show(),
             pair.logs()
         )
@@ -431,12 +481,14 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
         || {
             p.receipted.load(Ordering::Relaxed) >= 200 && p.received() >= 200
                 || producer_task.is_finished()
+                || relay_task.is_finished()
                 || consumer_task.is_finished()
         },
         || context(&pair),
     )
     .await?;
     ensure_running("producer", &mut producer_task).await?;
+    ensure_running("relay", &mut relay_task).await?;
     ensure_running("consumer", &mut consumer_task).await?;
 
     for round in 1..=KILLS {
@@ -464,12 +516,14 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
                 p.receipted.load(Ordering::Relaxed) >= receipted0 + 50
                     && p.received() >= received0 + 50
                     || producer_task.is_finished()
+                    || relay_task.is_finished()
                     || consumer_task.is_finished()
             },
             || context(&pair),
         )
         .await?;
         ensure_running("producer", &mut producer_task).await?;
+        ensure_running("relay", &mut relay_task).await?;
         ensure_running("consumer", &mut consumer_task).await?;
         println!(
             "[{mode:?}] kill {round}: {} killed; {} serving after {took_over:?}; clients \
@@ -501,7 +555,7 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
     wait_until(
         &format!("the consumer receiving all {sent} messages"),
         Duration::from_secs(30),
-        || p.received() >= sent || consumer_task.is_finished(),
+        || p.received() >= sent || relay_task.is_finished() || consumer_task.is_finished(),
         || {
             format!(
                 "received {} of {sent}\n{}",
@@ -511,9 +565,14 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
         },
     )
     .await?;
+    ensure_running("relay", &mut relay_task).await?;
     ensure_running("consumer", &mut consumer_task).await?;
     // Late redeliveries would show now.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_relay.cancel();
+    tokio::time::timeout(Duration::from_secs(30), relay_task)
+        .await
+        .map_err(|_| anyhow!("the relay did not stop within 30 s"))???;
     stop_consumer.cancel();
     tokio::time::timeout(Duration::from_secs(30), consumer_task)
         .await
@@ -560,11 +619,24 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
         })
         .count();
 
-    print!("{}{}", producer_events.show(), consumer_events.show());
+    print!(
+        "{}{}{}",
+        producer_events.show(),
+        relay_events.show(),
+        consumer_events.show()
+    );
     println!(
-        "[{mode:?}] failover times: producer {:?} ms, consumer {:?} ms",
+        "[{mode:?}] failover times: producer {:?} ms, relay {:?} ms, consumer {:?} ms",
         millis(&producer_events.failovers()),
+        millis(&relay_events.failovers()),
         millis(&consumer_events.failovers())
+    );
+    let (commits, rollbacks) = (
+        progress.relayed.load(Ordering::Relaxed),
+        progress.rolled_back.load(Ordering::Relaxed),
+    );
+    println!(
+        "[{mode:?}] relay: {commits} transactions committed, {rollbacks} rolled back by a failover and redone"
     );
     println!(
         "[{mode:?}] {sent} sent ({} receipted, {} duplicate, {} buffered and replayed: {}), \
@@ -596,6 +668,7 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
     );
     for (name, r) in [
         ("producer", &producer_events),
+        ("relay", &relay_events),
         ("consumer", &consumer_events),
     ] {
         let n = r.failovers().len();
@@ -605,21 +678,22 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
             r.show()
         );
     }
-    // Every message was acknowledged on the server too.
-    let queue_name = queue.to_owned();
-    wait_until(
-        "the queue empty on the ACTIVE (nothing pending or unacknowledged)",
-        Duration::from_secs(10),
-        || queue_depth(&pair, active, &queue_name) == Some((0, 0)),
-        || {
-            format!(
-                "depth {:?}\n{}",
-                queue_depth(&pair, active, &queue_name),
-                pair.logs()
-            )
-        },
-    )
-    .await?;
+    // Every message was acknowledged on the server too, on both queues.
+    for queue_name in [queue, relayed] {
+        wait_until(
+            &format!("{queue_name} empty on the ACTIVE (nothing pending or unacknowledged)"),
+            Duration::from_secs(10),
+            || queue_depth(&pair, active, queue_name) == Some((0, 0)),
+            || {
+                format!(
+                    "depth {:?}\n{}",
+                    queue_depth(&pair, active, queue_name),
+                    pair.logs()
+                )
+            },
+        )
+        .await?;
+    }
     println!(
         "[{mode:?}] resent SENDs the ACTIVE dropped as duplicates since it started: {}",
         pair.status(active)
@@ -627,6 +701,7 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
             .unwrap_or_else(|| "-".into())
     );
     producer_conn.close().await?;
+    relay_conn.close().await?;
     consumer_conn.close().await?;
     Ok(())
 }
