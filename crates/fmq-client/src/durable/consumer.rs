@@ -6,16 +6,26 @@
 //! consumer drops messages it acknowledged before (the [dedupe
 //! window](super::dedupe)) and, in the acknowledging modes, messages whose
 //! connection is gone (the broker redelivers those).
+//!
+//! Besides [`Consumer::receive`], a consumer can be read as a [`Stream`]
+//! ([`Consumer::into_stream`], yielding [`Messages`]) or hand every message
+//! to a handler on a task of its own ([`Consumer::listen`], giving a
+//! [`Listener`]).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fmq_proto::Headers;
+use futures::future::BoxFuture;
+use futures::stream::{FusedStream, Stream, StreamExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::connection::{emit, is_transient, Link};
 use super::dedupe::{ProducerKey, Window};
@@ -71,14 +81,18 @@ pub(crate) struct Incoming {
     message: RawMessage,
 }
 
-/// A delivery of a `client`-mode consumer not yet covered by an ACK.
+/// A delivery of a `client` or `client-individual` consumer not yet
+/// acknowledged (nor rejected), in delivery order.
 #[derive(Debug)]
 struct Outstanding {
     generation: u64,
     identity: String,
     key: Option<ProducerKey>,
-    /// A dropped duplicate waiting for a cumulative ACK that covers it.
-    hidden: Option<RawMessage>,
+    /// The delivery, to NACK it on [`Session::recover`](super::Session::recover).
+    message: RawMessage,
+    /// A dropped duplicate (`client` mode) waiting for a cumulative ACK
+    /// that covers it, rather than a message the application has.
+    hidden: bool,
 }
 
 #[derive(Debug, Default)]
@@ -169,12 +183,13 @@ impl ConsumerShared {
                 // cover the duplicate.
                 let mut o = lock(&self.outstanding);
                 o.retain(|e| e.generation == generation);
-                if o.iter().any(|e| e.hidden.is_none()) {
+                if o.iter().any(|e| !e.hidden) {
                     o.push_back(Outstanding {
                         generation,
                         identity: identity(message),
                         key: None,
-                        hidden: Some(message.clone()),
+                        message: message.clone(),
+                        hidden: true,
                     });
                     false
                 } else {
@@ -187,6 +202,51 @@ impl ConsumerShared {
             if let Err(e) = message.ack().await {
                 tracing::debug!(error = %e, "ACK of a duplicate failed; it comes back later");
             }
+        }
+    }
+
+    /// Whether the consumer was closed or lost.
+    pub fn is_closed(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
+    /// Forgets the deliveries the application has not acknowledged, for
+    /// [`Session::recover`](super::Session::recover), and returns those to
+    /// NACK so the broker delivers them again: in `client` mode the last
+    /// one (a NACK there covers every earlier delivery of the
+    /// subscription, as an ACK does), in `client-individual` mode each.
+    /// Deliveries of a connection that is gone are left out: the broker
+    /// redelivers them anyway.
+    pub fn take_unacknowledged(&self) -> Vec<RawMessage> {
+        let taken = std::mem::take(&mut *lock(&self.outstanding));
+        let live = taken
+            .into_iter()
+            .filter(|e| e.message.client().is_connected());
+        match self.mode {
+            SessionMode::Client => live.last().map(|e| e.message).into_iter().collect(),
+            SessionMode::ClientIndividual => {
+                live.filter(|e| !e.hidden).map(|e| e.message).collect()
+            }
+            SessionMode::Auto | SessionMode::Transacted => Vec::new(),
+        }
+    }
+
+    /// Forgets a delivery the application acknowledged (`client-individual`)
+    /// or rejected (both modes; in `client` mode with every earlier one,
+    /// the broker's NACK being cumulative there).
+    fn settled(&self, generation: u64, identity: &str) {
+        let mut o = lock(&self.outstanding);
+        let at = o
+            .iter()
+            .position(|e| e.generation == generation && e.identity == identity);
+        match (at, self.mode) {
+            (Some(at), SessionMode::Client) => {
+                o.drain(..=at);
+            }
+            (Some(at), _) => {
+                o.remove(at);
+            }
+            (None, _) => {}
         }
     }
 }
@@ -240,6 +300,79 @@ fn producer_key(message: &RawMessage) -> Option<ProducerKey> {
     Some((producer.to_owned(), sequence))
 }
 
+/// Turns a delivery into a message for the application, or drops it: a
+/// delivery of a lost connection (acknowledging modes) or one already
+/// acknowledged. Records what the message's acknowledgement needs.
+async fn accept(
+    session: &SessionShared,
+    shared: &Arc<ConsumerShared>,
+    incoming: Incoming,
+) -> Option<Message> {
+    let Incoming {
+        generation,
+        message,
+    } = incoming;
+    let mode = shared.mode;
+    if mode != SessionMode::Auto && !message.client().is_connected() {
+        // Its connection is gone, and with it any way to acknowledge it:
+        // the broker delivers it again on the next connection.
+        tracing::trace!(message_id = %message.message_id, "delivery of a lost connection dropped");
+        return None;
+    }
+    let key = producer_key(&message);
+    let id = identity(&message);
+    let seen = lock(&shared.window).contains(&id, key.as_ref());
+    if seen {
+        shared.acknowledge_duplicate(&message, generation).await;
+        emit(
+            &shared.events,
+            Event::DuplicateDropped {
+                destination: shared.destination.clone(),
+                message_id: message.message_id.clone(),
+            },
+        );
+        return None;
+    }
+    match mode {
+        SessionMode::Auto => shared.acknowledged(&id, key.clone()),
+        SessionMode::Client | SessionMode::ClientIndividual => {
+            let mut o = lock(&shared.outstanding);
+            o.retain(|e| e.generation == generation);
+            o.push_back(Outstanding {
+                generation,
+                identity: id,
+                key: key.clone(),
+                message: message.clone(),
+                hidden: false,
+            });
+        }
+        SessionMode::Transacted => {
+            if let Some(tx) = &session.tx {
+                let received = Received {
+                    message: message.clone(),
+                    identity: id.clone(),
+                    consumer: shared.clone(),
+                    key: key.clone(),
+                };
+                if let Err(e) = tx
+                    .lock()
+                    .await
+                    .receive(session.inner(), generation, received)
+                {
+                    tracing::debug!(error = %e, "message received in a transaction that can no longer commit");
+                }
+            }
+        }
+    }
+    Some(Message {
+        inner: message,
+        generation,
+        key,
+        mode,
+        consumer: shared.clone(),
+    })
+}
+
 /// Receives messages from a queue or topic, on behalf of a session.
 ///
 /// The consumer stays subscribed across failovers: after a reconnection it
@@ -288,6 +421,7 @@ impl Consumer {
             events: inner.events(),
         });
         inner.register(shared.clone());
+        session.track(&shared);
         if let Some(link) = inner.link() {
             match shared.ensure_subscribed(&link).await {
                 Ok(_) => {}
@@ -346,78 +480,131 @@ impl Consumer {
                 Ok(None) => return Err(lock(&self.shared.lost).clone().unwrap_or(Error::Closed)),
                 Ok(Some(i)) => i,
             };
-            if let Some(m) = self.accept(incoming).await {
+            if let Some(m) = accept(&self.session, &self.shared, incoming).await {
                 return Ok(Some(m));
             }
         }
     }
 
-    /// Turns a delivery into a message for the application, or drops it.
-    async fn accept(&mut self, incoming: Incoming) -> Option<Message> {
-        let Incoming {
-            generation,
-            message,
-        } = incoming;
-        let shared = &self.shared;
-        let mode = shared.mode;
-        if mode != SessionMode::Auto && !message.client().is_connected() {
-            // Its connection is gone, and with it any way to acknowledge it:
-            // the broker delivers it again on the next connection.
-            tracing::trace!(message_id = %message.message_id, "delivery of a lost connection dropped");
-            return None;
+    /// The consumer as a [`Stream`] of its messages, which waits as long
+    /// as it takes for the next one (no receive timeout).
+    ///
+    /// It is the same consumer read another way: it stays subscribed
+    /// across failovers, drops redeliveries of what it acknowledged, and
+    /// leaves acknowledging to the session's mode, exactly as
+    /// [`receive`](Self::receive). The stream ends (`None`) once the
+    /// connection is closed and the messages already received are read. It
+    /// yields one error and then ends if the consumer is lost (a server
+    /// refused to subscribe it again after a failover): the error
+    /// [`receive`](Self::receive) returns then.
+    ///
+    /// Dropping the stream drops the consumer; [`Messages::close`] closes
+    /// it waiting for the broker, as [`close`](Self::close) does.
+    ///
+    /// ```no_run
+    /// # async fn demo(consumer: fmq_client::durable::Consumer) -> fmq_client::Result<()> {
+    /// use futures::StreamExt;
+    ///
+    /// let mut messages = consumer.into_stream();
+    /// while let Some(message) = messages.next().await {
+    ///     let message = message?;
+    ///     println!("{:?}", message.body_str());
+    ///     message.ack().await?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn into_stream(self) -> Messages {
+        let shutdown = self.session.inner().shutdown.clone().cancelled_owned();
+        Messages {
+            consumer: self,
+            accepting: None,
+            shutdown: Box::pin(shutdown),
+            done: false,
         }
-        let key = producer_key(&message);
-        let id = identity(&message);
-        let seen = lock(&shared.window).contains(&id, key.as_ref());
-        if seen {
-            shared.acknowledge_duplicate(&message, generation).await;
-            emit(
-                &shared.events,
-                Event::DuplicateDropped {
-                    destination: shared.destination.clone(),
-                    message_id: message.message_id.clone(),
-                },
-            );
-            return None;
-        }
-        match mode {
-            SessionMode::Auto => shared.acknowledged(&id, key.clone()),
-            SessionMode::Client => {
-                let mut o = lock(&shared.outstanding);
-                o.retain(|e| e.generation == generation);
-                o.push_back(Outstanding {
-                    generation,
-                    identity: id,
-                    key: key.clone(),
-                    hidden: None,
-                });
-            }
-            SessionMode::ClientIndividual => {}
-            SessionMode::Transacted => {
-                if let Some(tx) = &self.session.tx {
-                    let received = Received {
-                        message: message.clone(),
-                        identity: id.clone(),
-                        consumer: shared.clone(),
-                        key: key.clone(),
-                    };
-                    if let Err(e) =
-                        tx.lock()
-                            .await
-                            .receive(self.session.inner(), generation, received)
-                    {
-                        tracing::debug!(error = %e, "message received in a transaction that can no longer commit");
-                    }
+    }
+
+    /// Hands every message, in order, to `handler` on a task of its own
+    /// (the JMS `MessageListener`), one at a time: the next message is
+    /// handed over once the handler's future for the previous one is done.
+    /// Must be called within a Tokio runtime.
+    ///
+    /// The consumer keeps working across failovers as with
+    /// [`receive`](Self::receive). Acknowledgement follows the session's
+    /// mode: in [`SessionMode::Auto`] a message is acknowledged as it is
+    /// delivered; in the client modes the handler calls
+    /// [`Message::ack`] (or [`Message::nack`]); in a transacted session it
+    /// commits (the session can be shared with the handler in an `Arc`).
+    ///
+    /// The listener runs until [`Listener::stop`] is called or the
+    /// [`Listener`] is dropped (it stops once the handler call under way
+    /// returns, and closes the consumer), or until the consumer ends:
+    ///
+    /// * the connection was closed: the listener ends, and
+    ///   [`Listener::stop`] returns `Ok(())`;
+    /// * the consumer was lost (a server refused to subscribe it again
+    ///   after a failover): the listener ends, and [`Listener::stop`]
+    ///   returns that error.
+    ///
+    /// Nothing else ends it: failovers and times without messages are
+    /// waited out. The errors [`receive`](Self::receive) returns are all of
+    /// those two kinds, so none is retried. A handler that panics ends the
+    /// listener too, and [`Listener::stop`] resumes the panic.
+    ///
+    /// Messages the broker sent ahead that the handler did not get before
+    /// the listener stopped are redelivered to the next consumer in the
+    /// client modes and in a transacted session (as after
+    /// [`close`](Self::close)); in [`SessionMode::Auto`] the broker took
+    /// them for acknowledged when it sent them, so they are lost. Use a
+    /// client mode where that matters.
+    ///
+    /// ```no_run
+    /// # async fn demo(connection: fmq_client::durable::Connection) -> fmq_client::Result<()> {
+    /// use fmq_client::durable::SessionMode;
+    ///
+    /// let session = connection.session(SessionMode::ClientIndividual);
+    /// let consumer = session.consumer("/queue/invoices").await?;
+    /// let listener = consumer.listen(|message| async move {
+    ///     println!("{:?}", message.body_str());
+    ///     if let Err(e) = message.ack().await {
+    ///         eprintln!("ACK failed: {e}");
+    ///     }
+    /// });
+    /// // ... later:
+    /// listener.stop().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn listen<F, Fut>(self, mut handler: F) -> Listener
+    where
+        F: FnMut(Message) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let stopping = stop.clone();
+        let mut messages = self.into_stream();
+        let task = tokio::spawn(async move {
+            let ended = loop {
+                // Stopping interrupts the wait for a message (the stream
+                // keeps a delivery it is accepting), never the handler.
+                let next = tokio::select! {
+                    biased;
+                    _ = stopping.cancelled() => break Ok(()),
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => handler(message).await,
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(()),
                 }
-            }
+            };
+            let closed = messages.close().await;
+            ended.and(closed)
+        });
+        Listener {
+            stop,
+            task: Some(task),
         }
-        Some(Message {
-            inner: message,
-            generation,
-            key,
-            mode,
-            consumer: shared.clone(),
-        })
     }
 
     /// Unsubscribes and waits for the broker (within the request timeout).
@@ -474,6 +661,143 @@ impl Drop for Consumer {
             self.session.inner().unregister(self.shared.key);
             self.shared.closing.cancel();
         }
+    }
+}
+
+/// The messages of a [`Consumer`], as a [`Stream`]: see
+/// [`Consumer::into_stream`].
+///
+/// Dropping the future of [`StreamExt::next`] before it is ready (e.g. in
+/// `tokio::select!`) loses no message.
+pub struct Messages {
+    consumer: Consumer,
+    /// A delivery taken from the channel and being turned into a message.
+    accepting: Option<BoxFuture<'static, Option<Message>>>,
+    /// Ready once the connection is closed.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl Messages {
+    /// The destination consumed.
+    pub fn destination(&self) -> &str {
+        self.consumer.destination()
+    }
+
+    /// Closes the consumer as [`Consumer::close`] does. A delivery the
+    /// stream was still accepting is left unacknowledged (in the
+    /// acknowledging modes the broker delivers it again).
+    pub async fn close(self) -> Result<()> {
+        let Messages {
+            consumer,
+            accepting,
+            ..
+        } = self;
+        drop(accepting);
+        consumer.close().await
+    }
+}
+
+impl std::fmt::Debug for Messages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messages")
+            .field("consumer", &self.consumer)
+            .field("accepting", &self.accepting.is_some())
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Stream for Messages {
+    type Item = Result<Message>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(accepting) = &mut this.accepting {
+                let accepted = std::task::ready!(accepting.as_mut().poll(cx));
+                this.accepting = None;
+                match accepted {
+                    Some(message) => return Poll::Ready(Some(Ok(message))),
+                    None => continue,
+                }
+            }
+            match this.consumer.rx.poll_recv(cx) {
+                Poll::Ready(Some(incoming)) => {
+                    let session = this.consumer.session.clone();
+                    let shared = this.consumer.shared.clone();
+                    this.accepting = Some(Box::pin(async move {
+                        accept(&session, &shared, incoming).await
+                    }));
+                }
+                Poll::Ready(None) => {
+                    // The consumer was lost: the error `receive` returns.
+                    this.done = true;
+                    return Poll::Ready(match lock(&this.consumer.shared.lost).clone() {
+                        None | Some(Error::Closed) => None,
+                        Some(e) => Some(Err(e)),
+                    });
+                }
+                Poll::Pending => {
+                    if this.shutdown.as_mut().poll(cx).is_ready() {
+                        this.done = true;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl FusedStream for Messages {
+    fn is_terminated(&self) -> bool {
+        self.done
+    }
+}
+
+/// A [`Consumer`] handing its messages to a handler on a task of its own:
+/// see [`Consumer::listen`]. Dropping it stops it, as
+/// [`stop`](Self::stop) does without waiting.
+#[derive(Debug)]
+pub struct Listener {
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Listener {
+    /// Stops the listener once the handler call under way (if any)
+    /// returns, closes the consumer (waiting for the broker, as
+    /// [`Consumer::close`]), and returns why the listener ended: `Ok(())`
+    /// when it was stopped or the connection was closed, the error that
+    /// ended it otherwise (the consumer was lost, or closing it failed).
+    /// Resumes the panic of a handler that panicked.
+    pub async fn stop(mut self) -> Result<()> {
+        self.stop.cancel();
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        match task.await {
+            Ok(ended) => ended,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(Error::Closed),
+        }
+    }
+
+    /// Whether the listener still runs: it was not stopped, and the
+    /// consumer has not ended (see [`Consumer::listen`]).
+    pub fn is_running(&self) -> bool {
+        !self.stop.is_cancelled() && self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -551,9 +875,11 @@ impl Message {
                     "messages of a transacted session are acknowledged by Session::commit".into(),
                 ))
             }
-            SessionMode::ClientIndividual => self
-                .consumer
-                .acknowledged(&identity(&self.inner), self.key.clone()),
+            SessionMode::ClientIndividual => {
+                let own = identity(&self.inner);
+                self.consumer.settled(self.generation, &own);
+                self.consumer.acknowledged(&own, self.key.clone());
+            }
             SessionMode::Client => {
                 let (covered, duplicate) = {
                     let mut o = lock(&self.consumer.outstanding);
@@ -567,8 +893,8 @@ impl Message {
                     };
                     // Only dropped duplicates left after it: one ACK of the
                     // last covers them all.
-                    let duplicate = if o.iter().all(|e| e.hidden.is_some()) {
-                        o.drain(..).last().and_then(|e| e.hidden)
+                    let duplicate = if o.iter().all(|e| e.hidden) {
+                        o.drain(..).last().map(|e| e.message)
                     } else {
                         None
                     };
@@ -598,18 +924,25 @@ impl Message {
     }
 
     /// Rejects the message: the broker delivers it again (or, after too
-    /// many attempts, moves it to the dead-letter queue). Not possible in
-    /// [`SessionMode::Auto`] or a transacted session (roll back instead).
+    /// many attempts, moves it to the dead-letter queue). In
+    /// [`SessionMode::Client`] the broker takes it for a rejection of every
+    /// earlier unacknowledged message of its consumer too, as with
+    /// [`ack`](Self::ack). Not possible in [`SessionMode::Auto`] or a
+    /// transacted session (roll back instead).
     pub async fn nack(&self) -> Result<()> {
         match self.mode {
             SessionMode::Auto | SessionMode::Transacted => Err(Error::Usage(format!(
                 "cannot NACK a message of a {:?} session",
                 self.mode
             ))),
-            _ => match self.inner.nack().await {
-                Err(e) if e.is_connection_loss() || matches!(e, Error::Server { .. }) => Ok(()),
-                other => other,
-            },
+            _ => {
+                self.consumer
+                    .settled(self.generation, &identity(&self.inner));
+                match self.inner.nack().await {
+                    Err(e) if e.is_connection_loss() || matches!(e, Error::Server { .. }) => Ok(()),
+                    other => other,
+                }
+            }
         }
     }
 }

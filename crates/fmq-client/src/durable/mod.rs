@@ -36,6 +36,38 @@
 //! # }
 //! ```
 //!
+//! # Asynchronous delivery and recovery
+//!
+//! Besides [`Consumer::receive`], a consumer can be read as a
+//! [`Stream`](futures::Stream) of its messages ([`Consumer::into_stream`])
+//! or hand each message, in order, to an async handler running on a task of
+//! its own ([`Consumer::listen`], the JMS `MessageListener`), which runs
+//! until its [`Listener`] is stopped or dropped. Both are the same consumer
+//! read another way: they follow failovers and the session's
+//! acknowledgement mode as `receive` does.
+//!
+//! ```no_run
+//! # async fn demo(connection: fmq_client::durable::Connection) -> fmq_client::Result<()> {
+//! use fmq_client::durable::SessionMode;
+//!
+//! let session = connection.session(SessionMode::ClientIndividual);
+//! let listener = session
+//!     .consumer("/queue/invoices")
+//!     .await?
+//!     .listen(|message| async move {
+//!         println!("{:?}", message.body_str());
+//!         let _ = message.ack().await;
+//!     });
+//! // ...
+//! listener.stop().await
+//! # }
+//! ```
+//!
+//! [`Session::recover`] (JMS `Session.recover`) hands every message the
+//! session's consumers delivered and the application did not acknowledge
+//! back to the broker, which delivers it again flagged
+//! [`redelivered`](Message::redelivered).
+//!
 //! # Failover
 //!
 //! The connection tries the servers in the order given. A server that
@@ -100,7 +132,7 @@ mod session;
 
 pub use backoff::Backoff;
 pub use connection::{Connection, ConnectionBuilder};
-pub use consumer::{Consumer, ConsumerOptions, Message};
+pub use consumer::{Consumer, ConsumerOptions, Listener, Message, Messages};
 pub use event::{Event, Events};
 pub use producer::{Producer, SendOptions, SendOutcome};
 pub use session::{Session, SessionMode};

@@ -1,7 +1,7 @@
 //! [`Session`]: a JMS-style unit of work, with its acknowledgement mode or
 //! its transaction.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, Weak};
 
 use fmq_proto::{Command, Frame};
 use tokio::sync::Mutex;
@@ -71,6 +71,8 @@ pub(crate) struct SessionShared {
     /// The transaction key of a transacted session; held for the whole of
     /// a commit, so commits of one session run one at a time, in key order.
     commit_key: Option<Mutex<CommitKey>>,
+    /// The session's consumers, for [`Session::recover`].
+    consumers: std::sync::Mutex<Vec<Weak<ConsumerShared>>>,
 }
 
 impl Drop for SessionShared {
@@ -119,6 +121,26 @@ impl CommitKey {
 impl SessionShared {
     pub fn inner(&self) -> &Inner {
         &self.conn.inner
+    }
+
+    /// Records a new consumer of the session, forgetting closed ones.
+    pub fn track(&self, consumer: &Arc<ConsumerShared>) {
+        let mut consumers = self
+            .consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        consumers.retain(|c| c.upgrade().is_some_and(|c| !c.is_closed()));
+        consumers.push(Arc::downgrade(consumer));
+    }
+
+    /// The session's consumers that are open.
+    fn consumers(&self) -> Vec<Arc<ConsumerShared>> {
+        let mut consumers = self
+            .consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        consumers.retain(|c| c.upgrade().is_some_and(|c| !c.is_closed()));
+        consumers.iter().filter_map(Weak::upgrade).collect()
     }
 }
 
@@ -267,6 +289,7 @@ impl Session {
                 mode,
                 tx,
                 commit_key,
+                consumers: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -397,6 +420,70 @@ impl Session {
             }
         }
         give_back(&state.received).await;
+        Ok(())
+    }
+}
+
+impl Session {
+    /// Redelivers every message the session's consumers delivered and the
+    /// application has not acknowledged (JMS `Session.recover`): each is
+    /// rejected (NACK) and the broker delivers it again, with
+    /// [`Message::redelivered`](super::Message::redelivered) set, to this
+    /// session's consumer or another one. Returns once the broker
+    /// confirmed the rejections (within the request timeout).
+    ///
+    /// Messages acknowledged before are not delivered again, nor are
+    /// messages the consumers received but the application did not read
+    /// yet (they come before the redeliveries). In
+    /// [`SessionMode::ClientIndividual`] the redeliveries may come in
+    /// another order than the first deliveries; in [`SessionMode::Client`]
+    /// they keep it. Acknowledge no message of the session while this
+    /// runs. A redelivery counts as an attempt towards the broker's
+    /// dead-letter limit.
+    ///
+    /// Never fails for a lost connection: the broker then redelivers the
+    /// messages of that connection by itself, and the consumers drop them
+    /// meanwhile. A no-op in [`SessionMode::Auto`] (every message is
+    /// acknowledged as it is delivered). A transacted session fails with
+    /// [`Error::Usage`]: use [`rollback`](Self::rollback).
+    pub async fn recover(&self) -> Result<()> {
+        match self.shared.mode {
+            SessionMode::Auto => return Ok(()),
+            SessionMode::Transacted => {
+                return Err(Error::Usage(
+                    "recover is for sessions that are not transacted; roll back instead".into(),
+                ))
+            }
+            SessionMode::Client | SessionMode::ClientIndividual => {}
+        }
+        let mut nacks: Vec<RawMessage> = self
+            .shared
+            .consumers()
+            .iter()
+            .flat_map(|c| c.take_unacknowledged())
+            .collect();
+        // The last NACK asks for a RECEIPT: the broker handles a
+        // connection's frames in order, so all of them are applied then.
+        let last = nacks.pop();
+        for m in &nacks {
+            if let Err(e) = m.nack().await {
+                tracing::debug!(error = %e, message_id = %m.message_id, "NACK for recover failed; the message is redelivered after the connection ends");
+            }
+        }
+        if let Some(m) = last {
+            let timeout = self.shared.inner().config.request_timeout;
+            let nacked = match m.ack_id_for("NACK") {
+                Ok(id) => {
+                    m.client()
+                        .request_within(Client::ack_frame(Command::Nack, id, None), timeout)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = nacked {
+                tracing::debug!(error = %e, message_id = %m.message_id, "NACK for recover failed; the message is redelivered after the connection ends");
+            }
+        }
         Ok(())
     }
 }
