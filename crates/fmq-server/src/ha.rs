@@ -301,7 +301,9 @@ impl Front {
             shutdown: shutdown_tx.clone(),
         };
         tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
-        stop_on_signals(shutdown_tx);
+        if let Err(e) = stop_on_signals(shutdown_tx) {
+            tracing::error!("{e:#}; stop the server through its admin port");
+        }
         let (state_tx, state_rx) = watch::channel(initial);
         let acceptor = tokio::spawn(accept_loop(client, broker_rx, state_rx));
         Front {

@@ -287,16 +287,21 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for gateway pings: {e}"))?;
+            // The handlers are in place before the banner: a SIGTERM sent
+            // as soon as the gateway says it is up stops it cleanly.
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())
+                .map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))?;
+            let mut int = signal(SignalKind::interrupt())
+                .map_err(|e| anyhow::anyhow!("cannot handle SIGINT: {e}"))?;
             println!(
                 "FerroMQ gateway answering HA pings on {}",
                 listener.local_addr()?
             );
-            let stop = async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let stop = async move {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
                 }
             };
             fmq_ha::gateway::serve(listener, stop).await;

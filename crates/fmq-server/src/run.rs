@@ -65,23 +65,23 @@ async fn bind(addr: SocketAddr, what: &str, key: &str) -> Result<TcpListener> {
     })
 }
 
-/// Sets `shutdown` on SIGTERM or SIGINT.
-pub fn stop_on_signals(shutdown: tokio::sync::watch::Sender<bool>) {
+/// Sets `shutdown` on SIGTERM or SIGINT. The handlers are installed before
+/// this returns, so a signal sent once the server says it is up stops it
+/// cleanly rather than killing it.
+pub fn stop_on_signals(shutdown: tokio::sync::watch::Sender<bool>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| anyhow!("cannot handle SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| anyhow!("cannot handle SIGINT: {e}"))?;
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot watch SIGTERM");
-                    return;
-                }
-            };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
         }
         let _ = shutdown.send(true);
     });
+    Ok(())
 }
 
 /// Opens the store and starts a broker on it, creating the initial admin
@@ -170,7 +170,7 @@ pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()>
         shutdown: shutdown.clone(),
     };
     tokio::spawn(admin::serve(admin_listener, Arc::new(ctx)));
-    stop_on_signals(shutdown);
+    stop_on_signals(shutdown)?;
     tracing::info!(
         "FerroMQ server '{}' started on profile {}: STOMP on {client_addr}, admin on {admin_addr}, store {} (sequence {})",
         profile.file.server.name,
