@@ -580,8 +580,16 @@ if want activemq; then wait_amq_pair || log "WARNING: ActiveMQ pair not healthy 
     echo "elapsed=$ELAPSED"
     echo "brokers=${BROKERS[*]}"
     fmq_build="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build${FMQ_BIN:+ of $(stat -c %y "$FMQ_BIN" 2>/dev/null | cut -d. -f1)})"
-    echo "version.ferromq=$fmq_build, shared pair, profiles/FerroMQ_HA_shared timings (ping 100 ms, lock 200/500 ms)"
-    echo "version.ferromq-rpl=$fmq_build, replicated pair, profiles/FerroMQ_HA_rpl timings (ping 100 ms, lock 200/500 ms), $(grep -Eh '^replication =' "$ROOT/profiles/FerroMQ_HA_rpl/HAPrimary/fmq.toml" 2>/dev/null | head -n1), a store per server on the same disk"
+    timings() { # profile dir -> "ping N ms, lock A/P ms" as shipped
+        local f="$ROOT/profiles/$1/HAPrimary/fmq.toml" k
+        local -A v
+        for k in ping_interval active_lock_reacquisition_interval passive_lock_reacquisition_interval; do
+            v[$k]=$(grep -E "^$k[[:space:]]*=" "$f" 2>/dev/null | grep -Eo '[0-9]+' | head -n1)
+        done
+        echo "ping ${v[ping_interval]:-?} ms, lock ${v[active_lock_reacquisition_interval]:-?}/${v[passive_lock_reacquisition_interval]:-?} ms"
+    }
+    echo "version.ferromq=$fmq_build, shared pair, profiles/FerroMQ_HA_shared timings ($(timings FerroMQ_HA_shared))"
+    echo "version.ferromq-rpl=$fmq_build, replicated pair, profiles/FerroMQ_HA_rpl timings ($(timings FerroMQ_HA_rpl)), $(grep -Eh '^replication =' "$ROOT/profiles/FerroMQ_HA_rpl/HAPrimary/fmq.toml" 2>/dev/null | head -n1), a store per server on the same disk"
     echo "version.activemq=ActiveMQ Classic $(dpkg-query -W -f='${Version}' activemq 2>/dev/null || echo '?'), shared-file-locker lockAcquireSleepInterval=$AMQ_LOCK_SLEEP ms, KahaDB journalDiskSyncStrategy=always"
     echo "stomp=stomp.py $(python3 -c 'import stomp; print(stomp.__version__)' 2>/dev/null)"
     echo "nproc=$(nproc)"
@@ -677,9 +685,9 @@ w(f"- {meta['cpu']}, {meta['nproc']} vCPU, {meta['mem']} RAM; {meta['os']}, {met
   f"{meta['java']}; temp dir on {meta['fs']}")
 w(f"- runs took {meta['elapsed']} s")
 w("")
-w("Notes: FerroMQ's shared pair runs with the shipped `profiles/FerroMQ_HA_shared` timings (100 ms HA pings, "
-  "200 ms / 500 ms lock re-acquisition) on copies of the profiles with free ports, with its own "
-  "`fmq gateway`. The replicated pair likewise from `profiles/FerroMQ_HA_rpl` (same timings, "
+w("Notes: FerroMQ's shared pair runs with the shipped `profiles/FerroMQ_HA_shared` timings (see the setup "
+  "above) on copies of the profiles with free ports, with its own "
+  "`fmq gateway`. The replicated pair likewise from `profiles/FerroMQ_HA_rpl` (its own shipped timings, "
   "`replication = \"sync\"`, each server its own store, its own gateway): the passive sees the HA link "
   "drop (or 3 missed pings), confirms it holds the lock and reaches the gateway, and serves STANDALONE "
   "from its own store; the killed server, restarted, catches up from the new active's batch log and the "

@@ -25,7 +25,7 @@
 //!   checkpoint instead of the batch log, and then has every message.
 //!
 //! The tests of this file run one at a time (a file-wide mutex): each runs
-//! three processes with 100 ms heartbeats and synchronous replication, and
+//! three processes with 200 ms heartbeats and synchronous replication, and
 //! running them side by side on a small machine would measure CPU
 //! contention rather than failover.
 

@@ -20,7 +20,7 @@
 //!   own sends, each once and in order.
 //!
 //! The tests of this file run one at a time (a file-wide mutex): each runs
-//! a pair with 100 ms heartbeats, and running them side by side on a small
+//! a pair with 100-200 ms heartbeats, and running them side by side on a small
 //! machine would measure CPU contention rather than failover.
 
 use std::collections::BTreeMap;
