@@ -233,9 +233,22 @@ pub(crate) fn server_name(ha: &HaConfig) -> String {
     format!("{}@{}:{}", ha.role.title(), host, std::process::id())
 }
 
+/// Runs lock-file or store I/O from the HA loop. The loop waits for the
+/// answer (its next step depends on it), but a lock file on a stalled NFS
+/// server or a store on a stalled disk must not also hold up the tasks that
+/// share its worker thread (the peer heartbeats, client sessions): tokio
+/// moves them to another thread while this one blocks.
+pub(crate) fn blocking_io<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
 /// Tries the lock once and, if it is ours, writes us as holder with an
 /// epoch greater than the file's and than `at_least_after`.
 pub(crate) fn try_lock(lock: &mut LockFile, server: &str, at_least_after: u64) -> LockOutcome {
+    blocking_io(|| try_lock_now(lock, server, at_least_after))
+}
+
+fn try_lock_now(lock: &mut LockFile, server: &str, at_least_after: u64) -> LockOutcome {
     match lock.try_acquire() {
         Ok(true) => match lock.take_over_after(server, at_least_after) {
             Ok(epoch) => {
@@ -251,7 +264,7 @@ pub(crate) fn try_lock(lock: &mut LockFile, server: &str, at_least_after: u64) -
 
 /// Re-verifies that the lock is still ours with `epoch`.
 pub(crate) fn verify_lock(lock: &mut LockFile, server: &str, epoch: u64) -> LockOutcome {
-    match lock.verify(server, epoch) {
+    match blocking_io(|| lock.verify(server, epoch)) {
         Ok(true) => LockOutcome::Verified,
         Ok(false) => {
             LockOutcome::Lost("the lock file no longer names this server and epoch".into())
@@ -262,7 +275,7 @@ pub(crate) fn verify_lock(lock: &mut LockFile, server: &str, epoch: u64) -> Lock
 
 /// Gives the lock up, logging a failure.
 pub(crate) fn release_lock(lock: &mut LockFile) {
-    if let Err(e) = lock.release() {
+    if let Err(e) = blocking_io(|| lock.release()) {
         tracing::warn!(error = %e, "releasing the lock failed");
     }
 }
@@ -350,7 +363,7 @@ fn publish(
     ha: &HaConfig,
     since: Instant,
 ) {
-    let holder = lock.read_holder().ok().flatten();
+    let holder = blocking_io(|| lock.read_holder().ok().flatten());
     let _ = status.send(json!({
         "role": ha.role.title().to_lowercase(),
         "mode": "shared",

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::ServerInfo;
 use crate::ha::{
-    release_lock, server_name, sleep_until, try_lock, verify_lock, Front, LockOutcome,
+    blocking_io, release_lock, server_name, sleep_until, try_lock, verify_lock, Front, LockOutcome,
 };
 use crate::profile::Profile;
 use crate::run::{open_store, start_broker_on};
@@ -298,7 +298,7 @@ pub async fn run(
             // Read once per event: the machine compares it, broadcasts carry it.
             let here = replica
                 .try_store()
-                .and_then(|s| epoch::position(&*s).ok())
+                .and_then(|s| blocking_io(|| epoch::position(&*s).ok()))
                 .map(|p| (p.epoch, p.sequence));
             if let Some(p) = here {
                 machine.set_position(p);
@@ -308,19 +308,28 @@ pub async fn run(
                 match action {
                     Action::TryLock => {
                         // The lock's new epoch must exceed our own history's.
-                        events.push_back(match replica.try_store().map(|s| epoch::position(&*s)) {
-                            Some(Ok(ours)) => match try_lock(&mut lock, &server_name, ours.epoch) {
-                                LockOutcome::Acquired(epoch) => Event::LockAcquired { epoch },
-                                LockOutcome::Busy => Event::LockBusy,
-                                LockOutcome::Lost(reason) => Event::LockLost { reason },
-                                LockOutcome::Verified => Event::LockVerified,
+                        events.push_back(
+                            match replica
+                                .try_store()
+                                .map(|s| blocking_io(|| epoch::position(&*s)))
+                            {
+                                Some(Ok(ours)) => {
+                                    match try_lock(&mut lock, &server_name, ours.epoch) {
+                                        LockOutcome::Acquired(epoch) => {
+                                            Event::LockAcquired { epoch }
+                                        }
+                                        LockOutcome::Busy => Event::LockBusy,
+                                        LockOutcome::Lost(reason) => Event::LockLost { reason },
+                                        LockOutcome::Verified => Event::LockVerified,
+                                    }
+                                }
+                                // A checkpoint is being installed: try later.
+                                None => Event::LockBusy,
+                                Some(Err(e)) => Event::LockLost {
+                                    reason: format!("cannot read this server's epoch: {e}"),
+                                },
                             },
-                            // A checkpoint is being installed: try later.
-                            None => Event::LockBusy,
-                            Some(Err(e)) => Event::LockLost {
-                                reason: format!("cannot read this server's epoch: {e}"),
-                            },
-                        })
+                        )
                     }
                     Action::VerifyLock => events.push_back(
                         match verify_lock(&mut lock, &server_name, machine.epoch()) {
@@ -695,12 +704,12 @@ fn publish(
     diverged: &[serde_json::Value],
     catch_up: Option<(u64, f64)>,
 ) {
-    let holder = lock.read_holder().ok().flatten();
+    let holder = blocking_io(|| lock.read_holder().ok().flatten());
     let Some(store) = replica.try_store() else {
         // A checkpoint is being installed; the next refresh shows it.
         return;
     };
-    let position = epoch::position(&*store).ok();
+    let position = blocking_io(|| epoch::position(&*store).ok());
     let replication = serving.map(|s| {
         let lag = s.feed.lag();
         let acks = s.feed.acks();
