@@ -3,7 +3,9 @@
 //! broker keeps the topic's messages for the subscription while the
 //! subscriber is away (and across a failover: the subscription is
 //! replicated), so running it again picks up what was published meanwhile.
-//! `--delete` removes the subscription at the end.
+//! `--delete` removes the subscription at the end. The messages are taken
+//! by a listener (`Consumer::listen`, the JMS MessageListener); the
+//! `consumer` example shows the `receive` loop instead.
 //!
 //! ```text
 //! cargo run --release -p fmq-client --example durable_subscriber -- \
@@ -27,11 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Receives a topic's messages through a named durable subscription.",
         defaults,
     );
-    let connection = args
-        .builder()
-        .receive_timeout(Duration::from_secs(30))
-        .connect()
-        .await?;
+    let connection = args.builder().connect().await?;
     let mut events = connection.events();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
@@ -39,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let session = connection.session(SessionMode::ClientIndividual);
-    let mut subscriber = session
+    let subscriber = session
         .durable_subscriber(&args.destination, &args.name)
         .await?;
     println!(
@@ -48,24 +46,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.client_id.as_deref().unwrap_or(""),
         args.name
     );
+    // Asynchronous delivery, as with a JMS MessageListener: the handler gets
+    // every message in order on a task of its own, across failovers too.
+    let (handled, mut done) = tokio::sync::mpsc::unbounded_channel();
+    let listener = subscriber.listen(move |message| {
+        let handled = handled.clone();
+        async move {
+            println!("{}", String::from_utf8_lossy(message.body()));
+            match message.ack().await {
+                Ok(()) => {
+                    let _ = handled.send(());
+                }
+                // Not acknowledged: the broker delivers it again.
+                Err(e) => eprintln!("ACK of {} failed: {e}", message.message_id()),
+            }
+        }
+    });
     let mut received = 0;
     while received < args.count {
-        let Some(message) = subscriber.receive().await? else {
-            eprintln!("no message for 30 s; stopping after {received}");
-            break;
-        };
-        println!("{}", String::from_utf8_lossy(message.body()));
-        message.ack().await?;
-        received += 1;
+        match tokio::time::timeout(Duration::from_secs(30), done.recv()).await {
+            Ok(Some(())) => received += 1,
+            Ok(None) => break,
+            Err(_) => {
+                eprintln!("no message for 30 s; stopping after {received}");
+                break;
+            }
+        }
     }
+    // Waits for the handler call under way; what was not handled stays
+    // with the subscription.
+    listener.stop().await?;
     if args.delete {
-        subscriber.unsubscribe_durable().await?;
+        session.unsubscribe(&args.name).await?;
         println!(
             "received {received} messages; subscription {} deleted",
             args.name
         );
     } else {
-        subscriber.close().await?;
         println!(
             "received {received} messages; subscription {} kept for the next run",
             args.name
