@@ -350,6 +350,18 @@ impl Net {
             err,
         )
     }
+
+    /// Starts `fmq gateway` in G on the gateway address, its console
+    /// output to `gateway.out` and `gateway.err` in `dir`.
+    pub fn spawn_gateway(&self, dir: &Path) -> Result<Proc> {
+        let listen = format!("{GATEWAY_IP}:{GATEWAY_PORT}");
+        self.spawn_fmq(
+            NS_G,
+            &["gateway", "--listen", &listen],
+            dir.join("gateway.out"),
+            dir.join("gateway.err"),
+        )
+    }
 }
 
 impl Drop for Net {
@@ -524,15 +536,7 @@ impl NsPair {
 
     /// Starts the gateway in G.
     pub fn start_gateway(&mut self) -> Result<()> {
-        let root = self.root.path();
-        let listen = format!("{GATEWAY_IP}:{GATEWAY_PORT}");
-        let gw = self.net.spawn_fmq(
-            NS_G,
-            &["gateway", "--listen", &listen],
-            root.join("gateway.out"),
-            root.join("gateway.err"),
-        )?;
-        self.gateway = Some(gw);
+        self.gateway = Some(self.net.spawn_gateway(self.root.path())?);
         Ok(())
     }
 

@@ -36,7 +36,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use fmq_tests::netns::{Net, LINKS, LINK_AB, LINK_AG, LINK_BG, NS_A, NS_B, NS_G, SERVICE};
+use fmq_tests::netns::{Net, LINKS, LINK_AB, LINK_AG, LINK_BG, NS_A, NS_B, SERVICE};
 use fmq_tests::netns::{GATEWAY_IP, GATEWAY_PORT};
 use fmq_tests::pair::{HaPair, PRIMARY, SECONDARY};
 use fmq_tests::samples::{first_at, show, Samplers};
@@ -236,15 +236,7 @@ max_wait_timeout = 10000
     }
 
     fn start_gateway(&mut self) -> Result<()> {
-        let root = self.root.path();
-        let listen = format!("{GATEWAY_IP}:{GATEWAY_PORT}");
-        let gw = self.net.spawn_fmq(
-            NS_G,
-            &["gateway", "--listen", &listen],
-            root.join("gateway.out"),
-            root.join("gateway.err"),
-        )?;
-        self.gateway = Some(gw);
+        self.gateway = Some(self.net.spawn_gateway(self.root.path())?);
         Ok(())
     }
 

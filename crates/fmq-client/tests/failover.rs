@@ -147,14 +147,13 @@ async fn initial_connect_fails_when_no_server_is_available() {
     );
 }
 
-#[tokio::test]
-async fn back_off_paces_the_rounds_up_to_its_cap() {
-    let a = Fake::start(Mode::Down).await;
-    let b = Fake::start(Mode::Down).await;
-    let conn = builder(&[&a, &b])
+/// A connection to `servers` allowed to start with none reachable, with an
+/// unjittered back-off doubling from `initial_ms` up to `max_ms`.
+async fn offline(servers: &[&Fake], initial_ms: u64, max_ms: u64) -> Connection {
+    builder(servers)
         .backoff(Backoff {
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(40),
+            initial: Duration::from_millis(initial_ms),
+            max: Duration::from_millis(max_ms),
             multiplier: 2.0,
             jitter: 0.0,
         })
@@ -162,18 +161,29 @@ async fn back_off_paces_the_rounds_up_to_its_cap() {
         .initial_timeout(Duration::ZERO)
         .connect()
         .await
-        .unwrap();
-    let mut events = conn.events();
-    let mut delays = Vec::new();
-    while delays.len() < 5 {
-        if let Event::Waiting { attempt, delay } = expect(&mut events, "Waiting", |e| {
-            matches!(e, Event::Waiting { .. })
-        })
-        .await
+        .unwrap()
+}
+
+/// The next `n` back-off rounds announced, as (attempt, delay).
+async fn waiting_rounds(events: &mut Events, n: usize) -> Vec<(u32, Duration)> {
+    let mut rounds = Vec::new();
+    while rounds.len() < n {
+        if let Event::Waiting { attempt, delay } =
+            expect(events, "Waiting", |e| matches!(e, Event::Waiting { .. })).await
         {
-            delays.push((attempt, delay));
+            rounds.push((attempt, delay));
         }
     }
+    rounds
+}
+
+#[tokio::test]
+async fn back_off_paces_the_rounds_up_to_its_cap() {
+    let a = Fake::start(Mode::Down).await;
+    let b = Fake::start(Mode::Down).await;
+    let conn = offline(&[&a, &b], 10, 40).await;
+    let mut events = conn.events();
+    let delays = waiting_rounds(&mut events, 5).await;
     // Without jitter the delay is exactly 10 ms × 2^attempt, capped at 40.
     for (attempt, delay) in &delays {
         let expected = Duration::from_millis((10u64 << (*attempt).min(10)).min(40));
@@ -819,31 +829,11 @@ async fn while_a_server_is_in_standby_rounds_are_retried_quickly() {
     // new active is found as soon as it accepts clients.
     let a = Fake::start(Mode::Down).await;
     let b = Fake::start(Mode::Passive).await;
-    let conn = builder(&[&a, &b])
-        .backoff(Backoff {
-            initial: Duration::from_millis(400),
-            max: Duration::from_secs(5),
-            multiplier: 2.0,
-            jitter: 0.0,
-        })
-        .offline_start(true)
-        .initial_timeout(Duration::ZERO)
-        .connect()
-        .await
-        .unwrap();
+    let conn = offline(&[&a, &b], 400, 5000).await;
     let mut events = conn.events();
-    let mut delays = Vec::new();
-    while delays.len() < 4 {
-        if let Event::Waiting { delay, .. } = expect(&mut events, "Waiting", |e| {
-            matches!(e, Event::Waiting { .. })
-        })
-        .await
-        {
-            delays.push(delay);
-        }
-    }
+    let delays = waiting_rounds(&mut events, 4).await;
     assert!(
-        delays.iter().all(|d| *d == Duration::from_millis(50)),
+        delays.iter().all(|(_, d)| *d == Duration::from_millis(50)),
         "{delays:?}"
     );
     let asked = Instant::now();
