@@ -15,7 +15,7 @@ use std::sync::Arc;
 use fmq_proto::{Command, Frame};
 use fmq_selector::Selector;
 use fmq_store::{Batch, Cf, Commit, Store};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Config;
 use crate::dedupe::{Marks, ProducerSeq, Verdict, DUPLICATES_HEADER, DUPLICATE_HEADER};
@@ -50,6 +50,13 @@ pub enum Outbound {
         /// For auto-ack deliveries: (subscription id, message id) to report
         /// back once written, which acknowledges it.
         auto_ack: Option<(Arc<str>, u64)>,
+        /// The store batch that wrote the message, if it may not be durable
+        /// yet (0: it is): the writer holds the frame, and every later one,
+        /// until the engine's [`DurableBatches`] reaches it. A consumer
+        /// never sees a message that a crash could still take back (a SEND
+        /// whose RECEIPT was lost, a transaction the broker then reports
+        /// rolled back), which it could not tell from a new one.
+        after: u64,
     },
     /// Flush and close the connection.
     Close,
@@ -57,6 +64,12 @@ pub enum Outbound {
 
 /// Where a session receives frames from the engine.
 pub type OutboundTx = mpsc::UnboundedSender<Outbound>;
+
+/// The engine's number of the last store batch known durable (written,
+/// synced if it asked, and confirmed by the passive server in replicated
+/// mode), with every batch before it. Batches are numbered from 1 in commit
+/// order.
+pub type DurableBatches = watch::Receiver<u64>;
 
 /// Resolves once the store write carrying a command is applied (and synced
 /// if the command asked). Shared because every command the engine handles in
@@ -122,8 +135,9 @@ pub enum Cmd {
         out: OutboundTx,
         /// `client-id` header, needed for durable subscriptions.
         client_id: Option<String>,
-        /// Refused when the client id is in use.
-        reply: oneshot::Sender<Result<(), String>>,
+        /// Refused when the client id is in use; else where the session's
+        /// writer learns which deliveries it may write.
+        reply: oneshot::Sender<Result<DurableBatches, String>>,
     },
     /// A session ended: its unacknowledged messages are redelivered and its
     /// client-id is free again.
@@ -300,6 +314,9 @@ struct SessionState {
     delivered: HashMap<u64, Arc<str>>,
 }
 
+/// A committed batch: its number and its outcome.
+type Committed = (u64, Durable);
+
 /// The engine's state. Built by [`Engine::recover`], driven by [`Engine::run`].
 pub struct Engine {
     store: Arc<dyn Store>,
@@ -320,6 +337,15 @@ pub struct Engine {
     waiters: Vec<(CommitReply, Result<ReceiptHeaders, String>)>,
     /// Whether a waiter of the current wake-up asked for a sync.
     sync_wanted: bool,
+    /// The number of the batch the current wake-up builds.
+    batch_no: u64,
+    /// Committed batches, in order, for the task that tracks which are
+    /// durable ([`track_durable`], started by [`Engine::run`]).
+    committed: mpsc::UnboundedSender<Committed>,
+    /// That task's ends until it starts.
+    tracker: Option<(mpsc::UnboundedReceiver<Committed>, watch::Sender<u64>)>,
+    /// What the tracker reports.
+    durable: DurableBatches,
 }
 
 impl std::fmt::Debug for Engine {
@@ -376,6 +402,8 @@ impl Engine {
         store.sync()?;
 
         let marks = Marks::new(config.dedupe_retention, config.dedupe_max_producers);
+        let (committed, committed_rx) = mpsc::unbounded_channel();
+        let (durable_tx, durable) = watch::channel(0);
         let mut engine = Engine {
             store: store.clone(),
             config,
@@ -391,6 +419,10 @@ impl Engine {
             stats: Stats::default(),
             waiters: Vec::new(),
             sync_wanted: false,
+            batch_no: 1,
+            committed,
+            tracker: Some((committed_rx, durable_tx)),
+            durable,
         };
 
         store.scan_prefix(Cf::Destinations, b"", &mut |k, _| {
@@ -464,6 +496,7 @@ impl Engine {
             queue.push_back(Entry {
                 message: message.clone(),
                 deliveries,
+                batch: 0,
             });
             *engine.refs.entry(id).or_insert(0) += 1;
         }
@@ -507,6 +540,9 @@ impl Engine {
 
     /// Serves commands until every sender is gone.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        if let Some((committed, durable)) = self.tracker.take() {
+            tokio::spawn(track_durable(committed, durable));
+        }
         let mut cmds = Vec::with_capacity(256);
         while rx.recv_many(&mut cmds, 256).await > 0 {
             for cmd in cmds.drain(..) {
@@ -545,16 +581,15 @@ impl Engine {
         self.process_dead();
         let sync = std::mem::take(&mut self.sync_wanted);
         let mut batch = std::mem::take(&mut self.batch);
-        let commit = if batch.is_empty() && !sync {
-            Commit::ready(Ok(self.store.last_sequence()))
+        let durable = if batch.is_empty() && !sync {
+            futures::FutureExt::shared(Commit::ready(Ok(self.store.last_sequence())))
         } else {
             batch.set_sync(sync);
-            self.store.commit(batch)
+            let durable = futures::FutureExt::shared(self.store.commit(batch));
+            let _ = self.committed.send((self.batch_no, durable.clone()));
+            self.batch_no += 1;
+            durable
         };
-        if self.waiters.is_empty() {
-            return; // the store applies the batch whether or not anyone waits
-        }
-        let durable = futures::FutureExt::shared(commit);
         for (reply, result) in self.waiters.drain(..) {
             let _ = reply.send(result.map(|receipt_headers| Done {
                 durable: durable.clone(),
@@ -588,7 +623,7 @@ impl Engine {
                         delivered: HashMap::new(),
                     },
                 );
-                let _ = reply.send(Ok(()));
+                let _ = reply.send(Ok(self.durable.clone()));
             }
             Cmd::Close { session, reply } => {
                 self.close_session(session);
@@ -837,6 +872,8 @@ impl Engine {
                 })
                 .unwrap_or_default(),
         };
+        let stored_now = message.persistent && targets.iter().any(QueueKey::persistent);
+        let batch = if stored_now { self.batch_no } else { 0 };
         let mut stored = 0;
         for key in &targets {
             if message.persistent && key.persistent() {
@@ -851,6 +888,7 @@ impl Engine {
                 q.push_back(Entry {
                     message: message.clone(),
                     deliveries: 0,
+                    batch,
                 });
             }
         }
@@ -1241,6 +1279,7 @@ impl Engine {
     /// Delivers pending entries of `key` to consumers with free prefetch.
     fn dispatch(&mut self, key: &QueueKey) {
         let now = now_ms();
+        let durable = *self.durable.borrow();
         let Some(q) = self.queues.get_mut(key) else {
             return;
         };
@@ -1281,7 +1320,7 @@ impl Engine {
                 }
                 q.rr = (idx + 1) % n;
                 let ck = q.consumers[idx].clone();
-                acked.extend(deliver(sessions, q, &ck, entry));
+                acked.extend(deliver(sessions, q, &ck, entry, durable));
                 delivered += 1;
             }
         } else {
@@ -1314,7 +1353,7 @@ impl Engine {
                     Some(idx) => {
                         q.rr = (idx + 1) % n;
                         let ck = q.consumers[idx].clone();
-                        acked.extend(deliver(sessions, q, &ck, entry));
+                        acked.extend(deliver(sessions, q, &ck, entry, durable));
                         delivered += 1;
                     }
                     None => kept.push(entry),
@@ -1338,6 +1377,28 @@ impl Engine {
     }
 }
 
+/// Follows the engine's committed batches in commit order and publishes the
+/// number of the last one durable. A failed write is never published: the
+/// store is then unusable for good (a poisoned RocksDB store, or a
+/// replicated active that stopped serving), so the messages of that batch
+/// and later ones stay undelivered rather than being shown to a consumer
+/// and lost.
+async fn track_durable(
+    mut committed: mpsc::UnboundedReceiver<Committed>,
+    durable: watch::Sender<u64>,
+) {
+    while let Some((number, commit)) = committed.recv().await {
+        if let Err(e) = commit.await {
+            tracing::error!(batch = number, error = %e, "a store write failed; messages stored from now on are not delivered");
+            // Keep the sender: writers waiting on it wait on, they do not
+            // take its end for a stopped engine.
+            while committed.recv().await.is_some() {}
+            return;
+        }
+        durable.send_replace(number);
+    }
+}
+
 /// Hands one entry to a consumer: records it in flight and queues the frame.
 /// Returns the entry when the subscription is `auto`: it counts as
 /// acknowledged once sent (ActiveMQ's STOMP semantics), so the caller removes
@@ -1348,6 +1409,7 @@ fn deliver(
     q: &mut Queue,
     ck: &ConsumerKey,
     entry: Entry,
+    durable: u64,
 ) -> Option<Entry> {
     let Some(state) = sessions.get_mut(&ck.0) else {
         q.push_front(entry);
@@ -1365,7 +1427,16 @@ fn deliver(
     let auto_ack = auto.then(|| (ck.1.clone(), id));
     // A send error means the session is closing; its Close command will
     // requeue what is in flight.
-    let _ = state.out.send(Outbound::Message { frame, auto_ack });
+    let after = if entry.batch > durable {
+        entry.batch
+    } else {
+        0
+    };
+    let _ = state.out.send(Outbound::Message {
+        frame,
+        auto_ack,
+        after,
+    });
     if auto {
         Some(entry)
     } else {

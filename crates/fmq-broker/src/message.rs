@@ -216,6 +216,10 @@ pub struct Entry {
     pub message: Arc<Message>,
     /// How many times it has been delivered and not acknowledged.
     pub deliveries: u32,
+    /// The engine's number of the store batch that wrote the message, so a
+    /// delivery can wait until that write is durable; 0 when it already
+    /// was (recovered from the store) or the message is not stored.
+    pub batch: u64,
 }
 
 #[cfg(test)]

@@ -198,6 +198,7 @@ mod tests {
                 timestamp: 0,
             }),
             deliveries: 0,
+            batch: 0,
         }
     }
 

@@ -28,7 +28,8 @@ use crate::config::Config;
 use crate::dedupe::{self, ProducerSeq, PRODUCER_ID_HEADER, SEQUENCE_HEADER};
 use crate::destination::Destination;
 use crate::engine::{
-    AckMode, AckReq, Cmd, CommitReply, Outbound, OutboundTx, SessionId, SubscribeReq,
+    AckMode, AckReq, Cmd, CommitReply, DurableBatches, Outbound, OutboundTx, SessionId,
+    SubscribeReq,
 };
 use crate::message::{now_ms, Message, BROKER_HEADERS, DEFAULT_PRIORITY};
 use crate::security::{Permission, Security};
@@ -169,8 +170,8 @@ async fn run(id: SessionId, stream: TcpStream, shared: &Arc<Shared>) -> std::io:
     {
         return Ok(());
     }
-    match reply_rx.await {
-        Ok(Ok(())) => {}
+    let durable = match reply_rx.await {
+        Ok(Ok(durable)) => durable,
         Ok(Err(msg)) => {
             let _ = writer
                 .send(Frame::error(&msg, "the connection is closed"))
@@ -178,7 +179,7 @@ async fn run(id: SessionId, stream: TcpStream, shared: &Arc<Shared>) -> std::io:
             return Ok(());
         }
         Err(_) => return Ok(()),
-    }
+    };
     if writer.send(connected.frame).await.is_err() {
         let _ = shared
             .engine
@@ -195,6 +196,7 @@ async fn run(id: SessionId, stream: TcpStream, shared: &Arc<Shared>) -> std::io:
     let writer_task = tokio::spawn(write_loop(
         writer,
         out_rx,
+        durable,
         shared.engine.clone(),
         id,
         Duration::from_millis(u64::from(connected.send_heart_beat)),
@@ -849,6 +851,7 @@ async fn receipt_loop(
 async fn write_loop(
     mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, StompCodec>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
+    mut durable: DurableBatches,
     engine: mpsc::Sender<Cmd>,
     session: SessionId,
     heart_beat: Duration,
@@ -880,7 +883,18 @@ async fn write_loop(
         for item in batch.drain(..) {
             let result = match item {
                 Outbound::Frame(frame) => sink.feed(frame).await,
-                Outbound::Message { frame, auto_ack } => {
+                Outbound::Message {
+                    frame,
+                    auto_ack,
+                    after,
+                } => {
+                    let reached = *durable.borrow();
+                    if after > reached
+                        && !wait_durable(&mut sink, &mut durable, after, beat, &mut last_write)
+                            .await
+                    {
+                        break 'outer;
+                    }
                     if let Some(a) = auto_ack {
                         written.push(a);
                     }
@@ -911,4 +925,30 @@ async fn write_loop(
     }
     let _ = SinkExt::<Frame>::close(&mut sink).await;
     closed.cancel();
+}
+
+/// Holds a delivery until the store batch `after` that wrote its message is
+/// durable: flushes what was fed before it, then waits, beating the heart
+/// meanwhile. False when the connection or the engine is gone.
+async fn wait_durable(
+    sink: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, StompCodec>,
+    durable: &mut DurableBatches,
+    after: u64,
+    beat: Option<Duration>,
+    last_write: &mut Instant,
+) -> bool {
+    if SinkExt::<Frame>::flush(sink).await.is_err() {
+        return false;
+    }
+    loop {
+        tokio::select! {
+            reached = async { durable.wait_for(|n| *n >= after).await.is_ok() } => return reached,
+            _ = sleep_until(beat.map(|b| *last_write + b)) => {
+                if sink.send(Item::HeartBeat).await.is_err() {
+                    return false;
+                }
+                *last_write = Instant::now();
+            }
+        }
+    }
 }
