@@ -299,6 +299,12 @@ struct Progress {
     receipted: AtomicUsize,
     /// `x-id`s in the order the application received them.
     received: Mutex<Vec<String>>,
+    /// Each delivery to the consumer, in the same order: `x-id`, then what
+    /// tells copies apart (broker message id, relay sequence, redelivered
+    /// flag, when), shown for the duplicates when there are some.
+    deliveries: Mutex<Vec<(String, String)>>,
+    /// Each relay transaction reported rolled back: its `x-id`, when, why.
+    rollbacks: Mutex<Vec<String>>,
     /// Messages whose body does not match their `x-id`.
     corrupt: Mutex<Vec<String>>,
     /// Transactions of the relay that committed.
@@ -407,11 +413,13 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
             let mut consumer = session.consumer(queue).await?;
             let producer = session.producer("relay", relayed).await?;
             while !stop.is_cancelled() {
+                let mut in_step = String::new();
                 let step = async {
                     let Some(m) = consumer.receive().await? else {
                         return Ok(false);
                     };
                     let id = m.header("x-id").unwrap_or("(no x-id)").to_owned();
+                    in_step.clone_from(&id);
                     let options = SendOptions::new().header("x-id", id.as_str());
                     producer.send_with(m.body().to_vec(), options).await?;
                     session.commit().await.map(|()| true)
@@ -423,8 +431,16 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
                     Ok(false) => {}
                     // Caught by a failover (at receive, send or commit):
                     // nothing of it was applied; start the next one.
-                    Err(fmq_client::Error::TransactionRolledBack(_)) => {
+                    Err(fmq_client::Error::TransactionRolledBack(why)) => {
                         progress.rolled_back.fetch_add(1, Ordering::Relaxed);
+                        progress
+                            .rollbacks
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(format!(
+                                "{in_step} at {:.3} s: {why}",
+                                t0.elapsed().as_secs_f64()
+                            ));
                         session.rollback().await?;
                     }
                     Err(e) => return Err(e),
@@ -454,6 +470,20 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
                         .unwrap_or_else(|e| e.into_inner())
                         .push(id.clone());
                 }
+                progress
+                    .deliveries
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((
+                        id.clone(),
+                        format!(
+                            "{} relay-sequence {:?} redelivered {} at {:.3} s",
+                            m.message_id(),
+                            m.sequence(),
+                            m.redelivered(),
+                            t0.elapsed().as_secs_f64()
+                        ),
+                    ));
                 progress
                     .received
                     .lock()
@@ -638,6 +668,23 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
     println!(
         "[{mode:?}] relay: {commits} transactions committed, {rollbacks} rolled back by a failover and redone"
     );
+    for r in progress
+        .rollbacks
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        println!("[{mode:?}]   rolled back: {r}");
+    }
+    for (id, copy) in progress
+        .deliveries
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(id, _)| seen.get(id.as_str()).is_some_and(|n| *n > 1))
+    {
+        println!("[{mode:?}]   duplicate {id}: {copy}");
+    }
     println!(
         "[{mode:?}] {sent} sent ({} receipted, {} duplicate, {} buffered and replayed: {}), \
          {} delivered to the application: {} lost, {} duplicates, {} strangers, {} corrupt, \

@@ -1378,24 +1378,30 @@ impl Engine {
 }
 
 /// Follows the engine's committed batches in commit order and publishes the
-/// number of the last one durable. A failed write is never published: the
-/// store is then unusable for good (a poisoned RocksDB store, or a
-/// replicated active that stopped serving), so the messages of that batch
-/// and later ones stay undelivered rather than being shown to a consumer
-/// and lost.
+/// number of the last one durable. A failed write is not published: its
+/// messages wait for the next write that succeeds (their RECEIPTs reported
+/// the failure). A store that failed for good (a poisoned RocksDB store, a
+/// replicated active that stopped serving) never has one, so they are
+/// never shown to a consumer.
 async fn track_durable(
     mut committed: mpsc::UnboundedReceiver<Committed>,
     durable: watch::Sender<u64>,
 ) {
+    let mut failing = false;
     while let Some((number, commit)) = committed.recv().await {
-        if let Err(e) = commit.await {
-            tracing::error!(batch = number, error = %e, "a store write failed; messages stored from now on are not delivered");
-            // Keep the sender: writers waiting on it wait on, they do not
-            // take its end for a stopped engine.
-            while committed.recv().await.is_some() {}
-            return;
+        match commit.await {
+            Ok(_) => {
+                failing = false;
+                durable.send_replace(number);
+            }
+            // Said once per run of failures: a store that stopped fails
+            // every batch still queued.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(batch = number, error = %e, "a store write failed; the deliveries it holds wait for the next write that succeeds");
+            }
+            Err(_) => {}
         }
-        durable.send_replace(number);
     }
 }
 

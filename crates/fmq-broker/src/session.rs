@@ -196,7 +196,10 @@ async fn run(id: SessionId, stream: TcpStream, shared: &Arc<Shared>) -> std::io:
     let writer_task = tokio::spawn(write_loop(
         writer,
         out_rx,
-        durable,
+        Held {
+            durable,
+            shutdown: shared.shutdown.clone(),
+        },
         shared.engine.clone(),
         id,
         Duration::from_millis(u64::from(connected.send_heart_beat)),
@@ -851,7 +854,7 @@ async fn receipt_loop(
 async fn write_loop(
     mut sink: FramedWrite<tokio::net::tcp::OwnedWriteHalf, StompCodec>,
     mut rx: mpsc::UnboundedReceiver<Outbound>,
-    mut durable: DurableBatches,
+    mut held: Held,
     engine: mpsc::Sender<Cmd>,
     session: SessionId,
     heart_beat: Duration,
@@ -888,10 +891,8 @@ async fn write_loop(
                     auto_ack,
                     after,
                 } => {
-                    let reached = *durable.borrow();
-                    if after > reached
-                        && !wait_durable(&mut sink, &mut durable, after, beat, &mut last_write)
-                            .await
+                    let reached = *held.durable.borrow();
+                    if after > reached && !held.wait(&mut sink, after, beat, &mut last_write).await
                     {
                         break 'outer;
                     }
@@ -927,27 +928,42 @@ async fn write_loop(
     closed.cancel();
 }
 
-/// Holds a delivery until the store batch `after` that wrote its message is
-/// durable: flushes what was fed before it, then waits, beating the heart
-/// meanwhile. False when the connection or the engine is gone.
-async fn wait_durable(
-    sink: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, StompCodec>,
-    durable: &mut DurableBatches,
-    after: u64,
-    beat: Option<Duration>,
-    last_write: &mut Instant,
-) -> bool {
-    if SinkExt::<Frame>::flush(sink).await.is_err() {
-        return false;
-    }
-    loop {
-        tokio::select! {
-            reached = async { durable.wait_for(|n| *n >= after).await.is_ok() } => return reached,
-            _ = sleep_until(beat.map(|b| *last_write + b)) => {
-                if sink.send(Item::HeartBeat).await.is_err() {
-                    return false;
+/// What a session's writer needs to hold deliveries back until they are
+/// durable.
+struct Held {
+    durable: DurableBatches,
+    /// The broker's shutdown: a held delivery is dropped then (the engine
+    /// requeues what was not acknowledged), so that a batch that will never
+    /// be durable (the server stopped serving) cannot keep the session, and
+    /// with it the engine and its store, alive.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Held {
+    /// Waits until the store batch `after` is durable: flushes what was fed
+    /// before, then waits, beating the heart meanwhile. False when the
+    /// connection is gone or the broker is stopping.
+    async fn wait(
+        &mut self,
+        sink: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, StompCodec>,
+        after: u64,
+        beat: Option<Duration>,
+        last_write: &mut Instant,
+    ) -> bool {
+        if SinkExt::<Frame>::flush(sink).await.is_err() {
+            return false;
+        }
+        let Held { durable, shutdown } = self;
+        loop {
+            tokio::select! {
+                reached = async { durable.wait_for(|n| *n >= after).await.is_ok() } => return reached,
+                () = async { drop(shutdown.wait_for(|s| *s).await) } => return false,
+                _ = sleep_until(beat.map(|b| *last_write + b)) => {
+                    if sink.send(Item::HeartBeat).await.is_err() {
+                        return false;
+                    }
+                    *last_write = Instant::now();
                 }
-                *last_write = Instant::now();
             }
         }
     }

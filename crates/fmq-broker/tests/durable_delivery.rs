@@ -196,3 +196,27 @@ async fn messages_stored_earlier_and_non_persistent_ones_are_not_held() {
     gate.send_replace(true);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_held_delivery_does_not_keep_a_stopping_broker_open() {
+    // A batch that never becomes durable (a replicated active that stopped
+    // serving fails its unconfirmed batches) must not keep the session,
+    // and with it the engine and the store, alive once the broker stops.
+    let (b, gate) = gated_broker().await;
+    let mut consumer = Conn::connect(b.addr, &[]).await;
+    consumer
+        .subscribe("s", "/queue/never", "client-individual", &[])
+        .await;
+    let mut producer = Conn::connect(b.addr, &[]).await;
+    gate.send_replace(false);
+    producer.send(persistent_send("/queue/never", "held")).await;
+    assert!(consumer.try_recv(QUIET).await.is_none());
+
+    let _ = b.broker.shutdown_handle().send(true);
+    assert!(
+        consumer.closed().await,
+        "the consumer's connection stayed open after the broker stopped"
+    );
+    gate.send_replace(true);
+    b.stop().await;
+}
