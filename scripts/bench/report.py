@@ -176,6 +176,13 @@ def main():
     w("- All brokers sync to disk before a RECEIPT for a persistent SEND (ActiveMQ KahaDB "
       "`journalDiskSyncStrategy=\"always\"`, RabbitMQ durable queue + publisher confirm semantics "
       "of STOMP receipts, FerroMQ `store.sync = true`).")
+    w("- They differ in when a consumer may see a persistent message. FerroMQ delivers it only once "
+      "the store write holding it is durable (synced; in the replicated pair also confirmed by the "
+      "passive), so its latency includes the fsync that the RECEIPT waits for anyway, and a crash can "
+      "never take back a message a consumer has seen. ActiveMQ's KahaDB dispatches queue messages "
+      "while the journal write is in flight (`concurrentStoreAndDispatchQueues`, on by default), so "
+      "its latency leaves out the fsync, and a consumer can get a message that the broker then "
+      "forgets in a crash, and get it again when the producer resends it.")
     if rpl:
         w("- FerroMQ replicated (sync): the HAPrimary/HASecondary pair of `profiles/FerroMQ_HA_rpl` "
           "(copies with free ports and fresh stores) and its `fmq gateway`, all on this machine; each "
