@@ -4,9 +4,10 @@
 //! reported rolled back and redone), since it could not tell the second
 //! copy from a new message.
 //!
-//! The store here applies every batch at once but reports it durable only
-//! when the test opens its gate, as a store waiting on an fsync (or on the
-//! passive server in replicated mode) would.
+//! The broker runs on the replicated active's store ([`ReplicatedStore`])
+//! with no passive attached: while the feed requires the passive's
+//! confirmation, every batch is applied but none is durable, as on an
+//! active waiting for its passive; dropping the requirement confirms them.
 
 mod common;
 
@@ -14,74 +15,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{body, open_config, Conn, TestBroker};
+use fmq_ha::replication::{Feed, ReplicatedStore};
 use fmq_proto::{Command, Frame};
-use fmq_store::{Batch, Cf, Commit, LoggedBatch, MemoryStore, Store};
-use tokio::sync::watch;
-
-/// A [`MemoryStore`] whose commits resolve only while the gate is open.
-#[derive(Debug)]
-struct GatedStore {
-    inner: MemoryStore,
-    gate: watch::Receiver<bool>,
-}
-
-impl Store for GatedStore {
-    fn commit(&self, batch: Batch) -> Commit {
-        let applied = self.inner.commit(batch);
-        let mut gate = self.gate.clone();
-        Commit::from_future(async move {
-            let sequence = applied.await?;
-            let _ = gate.wait_for(|open| *open).await;
-            Ok(sequence)
-        })
-    }
-
-    fn get(&self, cf: Cf, key: &[u8]) -> fmq_store::Result<Option<Vec<u8>>> {
-        self.inner.get(cf, key)
-    }
-
-    fn scan_prefix(
-        &self,
-        cf: Cf,
-        prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> fmq_store::Result<()>,
-    ) -> fmq_store::Result<()> {
-        self.inner.scan_prefix(cf, prefix, f)
-    }
-
-    fn last_sequence(&self) -> u64 {
-        self.inner.last_sequence()
-    }
-
-    fn sync(&self) -> fmq_store::Result<()> {
-        self.inner.sync()
-    }
-
-    fn first_logged(&self) -> u64 {
-        self.inner.first_logged()
-    }
-
-    fn read_log(
-        &self,
-        from: u64,
-        max_batches: usize,
-        max_bytes: usize,
-    ) -> fmq_store::Result<Vec<LoggedBatch>> {
-        self.inner.read_log(from, max_batches, max_bytes)
-    }
-}
-
-/// A broker on a gated store (gate open), and the gate.
-async fn gated_broker() -> (TestBroker, watch::Sender<bool>) {
-    let (gate, rx) = watch::channel(true);
-    let store = Arc::new(GatedStore {
-        inner: MemoryStore::new(),
-        gate: rx,
-    });
-    (TestBroker::start_on(store, open_config()).await, gate)
-}
+use fmq_store::{MemoryStore, Store};
 
 const QUIET: Duration = Duration::from_millis(300);
+
+/// A broker whose writes are durable only while `feed` does not wait for a
+/// passive.
+async fn broker_with_feed() -> (TestBroker, Arc<Feed>) {
+    let inner: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let feed = Feed::new(inner.last_sequence(), 1);
+    let store = Arc::new(ReplicatedStore::new(inner, feed.clone()));
+    (TestBroker::start_on(store, open_config()).await, feed)
+}
+
+/// A broker, a consumer of `dest` with `ack`, and a producer; from now on
+/// no write becomes durable until the feed's requirement is dropped.
+async fn held(dest: &str, ack: &str) -> (TestBroker, Arc<Feed>, Conn, Conn) {
+    let (b, feed) = broker_with_feed().await;
+    let mut consumer = Conn::connect(b.addr, &[]).await;
+    consumer.subscribe("s", dest, ack, &[]).await;
+    let producer = Conn::connect(b.addr, &[]).await;
+    feed.set_required(true);
+    (b, feed, consumer, producer)
+}
 
 fn persistent_send(dest: &str, text: &str) -> Frame {
     Frame::new(Command::Send)
@@ -90,6 +48,7 @@ fn persistent_send(dest: &str, text: &str) -> Frame {
         .with_body(text.as_bytes().to_vec())
 }
 
+/// A SUBSCRIBE without a RECEIPT (which would wait for the store).
 fn subscribe(dest: &str) -> Frame {
     Frame::new(Command::Subscribe)
         .header("id", "s")
@@ -99,14 +58,7 @@ fn subscribe(dest: &str) -> Frame {
 
 #[tokio::test]
 async fn a_persistent_message_is_delivered_only_once_its_write_is_durable() {
-    let (b, gate) = gated_broker().await;
-    let mut consumer = Conn::connect(b.addr, &[]).await;
-    consumer
-        .subscribe("s", "/queue/held", "client-individual", &[])
-        .await;
-    let mut producer = Conn::connect(b.addr, &[]).await;
-
-    gate.send_replace(false);
+    let (b, feed, mut consumer, mut producer) = held("/queue/held", "client-individual").await;
     producer
         .send(persistent_send("/queue/held", "m1").header("receipt", "r1"))
         .await;
@@ -119,7 +71,7 @@ async fn a_persistent_message_is_delivered_only_once_its_write_is_durable() {
         "the RECEIPT came before the write was durable"
     );
 
-    gate.send_replace(true);
+    feed.set_required(false);
     let m = consumer.message().await;
     assert_eq!(body(&m), "m1");
     let r = producer.recv().await;
@@ -130,12 +82,7 @@ async fn a_persistent_message_is_delivered_only_once_its_write_is_durable() {
 
 #[tokio::test]
 async fn a_committed_transaction_is_delivered_only_once_its_write_is_durable() {
-    let (b, gate) = gated_broker().await;
-    let mut consumer = Conn::connect(b.addr, &[]).await;
-    consumer.subscribe("s", "/queue/tx", "auto", &[]).await;
-    let mut producer = Conn::connect(b.addr, &[]).await;
-
-    gate.send_replace(false);
+    let (b, feed, mut consumer, mut producer) = held("/queue/tx", "auto").await;
     producer
         .send(Frame::new(Command::Begin).header("transaction", "t1"))
         .await;
@@ -156,7 +103,7 @@ async fn a_committed_transaction_is_delivered_only_once_its_write_is_durable() {
         "a message of a transaction was delivered before its COMMIT was durable"
     );
 
-    gate.send_replace(true);
+    feed.set_required(false);
     let got = [
         body(&consumer.message().await),
         body(&consumer.message().await),
@@ -169,16 +116,15 @@ async fn a_committed_transaction_is_delivered_only_once_its_write_is_durable() {
 
 #[tokio::test]
 async fn messages_stored_earlier_and_non_persistent_ones_are_not_held() {
-    let (b, gate) = gated_broker().await;
+    let (b, feed) = broker_with_feed().await;
     let mut producer = Conn::connect(b.addr, &[]).await;
     producer
         .send_receipted(persistent_send("/queue/early", "stored"), "r0")
         .await;
 
-    // The store is slow now; what was durable before goes out at once, and
-    // so does a message that is never stored.
-    gate.send_replace(false);
-    // (No RECEIPTs: they would wait for the store.)
+    // Writes wait for a passive now; what was durable before goes out at
+    // once, and so does a message that is never stored.
+    feed.set_required(true);
     let mut consumer = Conn::connect(b.addr, &[]).await;
     consumer.send(subscribe("/queue/early")).await;
     assert_eq!(body(&consumer.message().await), "stored");
@@ -193,30 +139,29 @@ async fn messages_stored_earlier_and_non_persistent_ones_are_not_held() {
         )
         .await;
     assert_eq!(body(&other.message().await), "transient");
-    gate.send_replace(true);
+    feed.set_required(false);
     b.stop().await;
 }
 
 #[tokio::test]
 async fn a_held_delivery_does_not_keep_a_stopping_broker_open() {
-    // A batch that never becomes durable (a replicated active that stopped
-    // serving fails its unconfirmed batches) must not keep the session,
-    // and with it the engine and the store, alive once the broker stops.
-    let (b, gate) = gated_broker().await;
-    let mut consumer = Conn::connect(b.addr, &[]).await;
-    consumer
-        .subscribe("s", "/queue/never", "client-individual", &[])
-        .await;
-    let mut producer = Conn::connect(b.addr, &[]).await;
-    gate.send_replace(false);
+    // An active that stops serving fences its feed: the batches the passive
+    // did not confirm fail and never become durable. A delivery waiting for
+    // one must not keep the session, and with it the engine and the store,
+    // alive once the broker stops.
+    let (b, feed, mut consumer, mut producer) = held("/queue/never", "client-individual").await;
     producer.send(persistent_send("/queue/never", "held")).await;
     assert!(consumer.try_recv(QUIET).await.is_none());
 
+    feed.fence();
     let _ = b.broker.shutdown_handle().send(true);
     assert!(
         consumer.closed().await,
         "the consumer's connection stayed open after the broker stopped"
     );
-    gate.send_replace(true);
-    b.stop().await;
+    drop(producer);
+    assert!(
+        b.stop_reporting().await.is_err(),
+        "the shutdown did not report the write that never became durable"
+    );
 }

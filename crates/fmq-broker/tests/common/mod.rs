@@ -50,9 +50,14 @@ impl TestBroker {
     }
 
     pub async fn stop(self) {
+        self.stop_reporting().await.expect("shutdown");
+    }
+
+    /// Stops the broker and returns what its shutdown reported.
+    pub async fn stop_reporting(self) -> fmq_broker::Result<()> {
         let _ = self.broker.shutdown_handle().send(true);
         let _ = self.task.await;
-        self.broker.shutdown().await.expect("shutdown");
+        self.broker.shutdown().await
     }
 }
 
