@@ -872,17 +872,18 @@ impl Engine {
                 })
                 .unwrap_or_default(),
         };
-        let stored_now = message.persistent && targets.iter().any(QueueKey::persistent);
-        let batch = if stored_now { self.batch_no } else { 0 };
-        let mut stored = 0;
+        let stores = |key: &QueueKey| message.persistent && key.persistent();
+        let stored =
+            u32::try_from(targets.iter().filter(|k| stores(k)).count()).unwrap_or(u32::MAX);
+        // Deliveries of a stored message wait for this wake-up's batch.
+        let batch = if stored > 0 { self.batch_no } else { 0 };
         for key in &targets {
-            if message.persistent && key.persistent() {
+            if stores(key) {
                 self.batch.put(
                     Cf::QueueEntries,
                     key.entry_key(message.id),
                     0u32.to_be_bytes().to_vec(),
                 );
-                stored += 1;
             }
             if let Some(q) = self.queues.get_mut(key) {
                 q.push_back(Entry {

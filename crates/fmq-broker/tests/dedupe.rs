@@ -342,11 +342,12 @@ async fn bad_dedupe_headers_get_an_error_naming_header_and_value() {
         for (k, v) in &headers {
             f = f.header(*k, *v);
         }
-        c.send(f.with_body(b"never".to_vec())).await;
-        let e = c.error().await;
-        let message = e.get("message").unwrap_or_default();
-        assert!(message.contains(&needle), "{headers:?}: {message}");
-        assert!(c.closed().await, "{headers:?}: connection stays open");
+        c.refused(
+            f.with_body(b"never".to_vec()),
+            &needle,
+            &format!("{headers:?}"),
+        )
+        .await;
     }
     assert_eq!(drain(&b, "/queue/bad").await, Vec::<String>::new());
     assert_eq!(b.broker.stats().await.expect("stats").producers, 0);
@@ -651,12 +652,8 @@ async fn bad_key_headers_on_commit_get_an_error_naming_the_header() {
         for (k, v) in &headers {
             f = f.header(*k, *v);
         }
-        c.send(f).await;
-        let e = c.error().await;
-        let message = e.get("message").unwrap_or_default();
-        assert!(message.contains(needle), "{headers:?}: {message}");
+        let e = c.refused(f, needle, &format!("{headers:?}")).await;
         assert_eq!(e.get("receipt-id"), Some("r"), "{e:?}");
-        assert!(c.closed().await, "{headers:?}: connection stays open");
     }
     assert_eq!(drain(&b, "/queue/kbad").await, Vec::<String>::new());
     assert_eq!(b.broker.stats().await.expect("stats").producers, 0);

@@ -236,6 +236,16 @@ impl Message {
             .await
     }
 
+    /// Like [`nack`](Self::nack), but waits (up to `timeout`) for the
+    /// broker's RECEIPT, i.e. until the rejection is applied.
+    pub(crate) async fn nack_within(&self, timeout: std::time::Duration) -> Result<()> {
+        let id = self.ack_id_for("NACK")?;
+        self.client
+            .request_within(Client::ack_frame(Command::Nack, id, None), timeout)
+            .await
+            .map(|_| ())
+    }
+
     /// The ACK/NACK `id`, or a usage error for auto-acknowledged messages.
     pub(crate) fn ack_id_for(&self, what: &str) -> Result<&str> {
         self.ack_id.as_deref().ok_or_else(|| {

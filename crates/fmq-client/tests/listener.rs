@@ -36,6 +36,15 @@ async fn send(conn: &Connection, queue: &str, prefix: &str, count: usize) {
     }
 }
 
+/// A broker and a connection to it, with `count` messages `PREFIX-0`,
+/// `PREFIX-1`, ... waiting on `queue`.
+async fn loaded(queue: &str, prefix: &str, count: usize) -> (TestBroker, Connection) {
+    let broker = TestBroker::start().await;
+    let conn = connect(&broker).await;
+    send(&conn, queue, prefix, count).await;
+    (broker, conn)
+}
+
 fn bodies(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -67,9 +76,7 @@ async fn drain(consumer: &mut Consumer) -> Vec<Message> {
 
 #[tokio::test]
 async fn stream_yields_messages_in_order_and_ends_when_the_connection_closes() {
-    let broker = TestBroker::start().await;
-    let conn = connect(&broker).await;
-    send(&conn, "/queue/stream", "s", 5).await;
+    let (_broker, conn) = loaded("/queue/stream", "s", 5).await;
     let session = conn.session(SessionMode::ClientIndividual);
     let mut messages = session
         .consumer("/queue/stream")
@@ -123,9 +130,7 @@ async fn a_message_arriving_while_the_stream_waits_is_yielded() {
 #[tokio::test]
 async fn listener_handles_messages_in_order_and_stop_loses_none() {
     const N: usize = 30;
-    let broker = TestBroker::start().await;
-    let conn = connect(&broker).await;
-    send(&conn, "/queue/listen", "m", N).await;
+    let (_broker, conn) = loaded("/queue/listen", "m", N).await;
     let session = conn.session(SessionMode::ClientIndividual);
     let consumer = session.consumer("/queue/listen").await.unwrap();
 
@@ -213,9 +218,7 @@ async fn listener_ends_when_the_connection_closes() {
 
 #[tokio::test]
 async fn recover_redelivers_only_unacknowledged_messages_client_individual() {
-    let broker = TestBroker::start().await;
-    let conn = connect(&broker).await;
-    send(&conn, "/queue/recover", "r", 4).await;
+    let (_broker, conn) = loaded("/queue/recover", "r", 4).await;
     let mut events = conn.events();
     let session = conn.session(SessionMode::ClientIndividual);
     let mut consumer = session.consumer("/queue/recover").await.unwrap();
@@ -252,9 +255,7 @@ async fn recover_redelivers_only_unacknowledged_messages_client_individual() {
 
 #[tokio::test]
 async fn recover_in_client_mode_redelivers_what_the_last_ack_did_not_cover() {
-    let broker = TestBroker::start().await;
-    let conn = connect(&broker).await;
-    send(&conn, "/queue/recover-client", "c", 4).await;
+    let (_broker, conn) = loaded("/queue/recover-client", "c", 4).await;
     let mut events = conn.events();
     let session = conn.session(SessionMode::Client);
     let mut messages = session
@@ -299,9 +300,7 @@ async fn recover_in_client_mode_redelivers_what_the_last_ack_did_not_cover() {
 
 #[tokio::test]
 async fn recover_is_a_no_op_in_auto_mode_and_refused_when_transacted() {
-    let broker = TestBroker::start().await;
-    let conn = connect(&broker).await;
-    send(&conn, "/queue/recover-auto", "a", 2).await;
+    let (_broker, conn) = loaded("/queue/recover-auto", "a", 2).await;
     let auto = conn.session(SessionMode::Auto);
     let mut consumer = auto.consumer("/queue/recover-auto").await.unwrap();
     let m = consumer.receive_timeout(SOON).await.unwrap().unwrap();

@@ -100,6 +100,13 @@ impl LocalReplica {
         self.current().map(|s| s as Arc<dyn Store>)
     }
 
+    /// Where this server's history stands (read off the async workers, see
+    /// [`blocking_io`]), or `None` while a checkpoint is being installed.
+    fn position(&self) -> Option<fmq_store::Result<epoch::Position>> {
+        self.try_store()
+            .map(|s| blocking_io(|| epoch::position(&*s)))
+    }
+
     fn parent(&self) -> PathBuf {
         self.db_path
             .parent()
@@ -297,8 +304,8 @@ pub async fn run(
         while let Some(event) = events.pop_front() {
             // Read once per event: the machine compares it, broadcasts carry it.
             let here = replica
-                .try_store()
-                .and_then(|s| blocking_io(|| epoch::position(&*s).ok()))
+                .position()
+                .and_then(Result::ok)
                 .map(|p| (p.epoch, p.sequence));
             if let Some(p) = here {
                 machine.set_position(p);
@@ -308,28 +315,19 @@ pub async fn run(
                 match action {
                     Action::TryLock => {
                         // The lock's new epoch must exceed our own history's.
-                        events.push_back(
-                            match replica
-                                .try_store()
-                                .map(|s| blocking_io(|| epoch::position(&*s)))
-                            {
-                                Some(Ok(ours)) => {
-                                    match try_lock(&mut lock, &server_name, ours.epoch) {
-                                        LockOutcome::Acquired(epoch) => {
-                                            Event::LockAcquired { epoch }
-                                        }
-                                        LockOutcome::Busy => Event::LockBusy,
-                                        LockOutcome::Lost(reason) => Event::LockLost { reason },
-                                        LockOutcome::Verified => Event::LockVerified,
-                                    }
-                                }
-                                // A checkpoint is being installed: try later.
-                                None => Event::LockBusy,
-                                Some(Err(e)) => Event::LockLost {
-                                    reason: format!("cannot read this server's epoch: {e}"),
-                                },
+                        events.push_back(match replica.position() {
+                            Some(Ok(ours)) => match try_lock(&mut lock, &server_name, ours.epoch) {
+                                LockOutcome::Acquired(epoch) => Event::LockAcquired { epoch },
+                                LockOutcome::Busy => Event::LockBusy,
+                                LockOutcome::Lost(reason) => Event::LockLost { reason },
+                                LockOutcome::Verified => Event::LockVerified,
                             },
-                        )
+                            // A checkpoint is being installed: try later.
+                            None => Event::LockBusy,
+                            Some(Err(e)) => Event::LockLost {
+                                reason: format!("cannot read this server's epoch: {e}"),
+                            },
+                        })
                     }
                     Action::VerifyLock => events.push_back(
                         match verify_lock(&mut lock, &server_name, machine.epoch()) {

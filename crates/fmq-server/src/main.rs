@@ -287,23 +287,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for gateway pings: {e}"))?;
-            // The handlers are in place before the banner: a SIGTERM sent
-            // as soon as the gateway says it is up stops it cleanly.
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate())
-                .map_err(|e| anyhow::anyhow!("cannot handle SIGTERM: {e}"))?;
-            let mut int = signal(SignalKind::interrupt())
-                .map_err(|e| anyhow::anyhow!("cannot handle SIGINT: {e}"))?;
+            // Before the banner: a SIGTERM sent as soon as the gateway says
+            // it is up stops it cleanly.
+            let stop = run::termination()?;
             println!(
                 "FerroMQ gateway answering HA pings on {}",
                 listener.local_addr()?
             );
-            let stop = async move {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            };
             fmq_ha::gateway::serve(listener, stop).await;
             println!("FerroMQ gateway stopped");
             Ok(())

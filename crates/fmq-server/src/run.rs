@@ -65,20 +65,29 @@ async fn bind(addr: SocketAddr, what: &str, key: &str) -> Result<TcpListener> {
     })
 }
 
-/// Sets `shutdown` on SIGTERM or SIGINT. The handlers are installed before
-/// this returns, so a signal sent once the server says it is up stops it
-/// cleanly rather than killing it.
-pub fn stop_on_signals(shutdown: tokio::sync::watch::Sender<bool>) -> Result<()> {
+/// A future that resolves, naming the signal, on the first SIGTERM or
+/// SIGINT. The handlers are installed before this returns, so a signal sent
+/// once the process says it is up stops it cleanly rather than killing it.
+pub fn termination() -> Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term =
         signal(SignalKind::terminate()).map_err(|e| anyhow!("cannot handle SIGTERM: {e}"))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| anyhow!("cannot handle SIGINT: {e}"))?;
-    tokio::spawn(async move {
+    Ok(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
         }
+    })
+}
+
+/// Sets `shutdown` on SIGTERM or SIGINT (see [`termination`]).
+pub fn stop_on_signals(shutdown: tokio::sync::watch::Sender<bool>) -> Result<()> {
+    let signalled = termination()?;
+    tokio::spawn(async move {
+        let signal = signalled.await;
+        tracing::info!("{signal} received; shutting down");
         let _ = shutdown.send(true);
     });
     Ok(())

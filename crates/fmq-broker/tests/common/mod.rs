@@ -206,6 +206,18 @@ impl Conn {
         assert_eq!(f.command, Command::Error, "expected ERROR, got {f:?}");
         f
     }
+
+    /// Sends `frame`, which the broker must refuse with an ERROR whose
+    /// message contains `needle` and then close the connection (`case`
+    /// names the frame in failures). Returns the ERROR.
+    pub async fn refused(&mut self, frame: Frame, needle: &str, case: &str) -> Frame {
+        self.send(frame).await;
+        let e = self.error().await;
+        let message = e.get("message").unwrap_or_default();
+        assert!(message.contains(needle), "{case}: {message}");
+        assert!(self.closed().await, "{case}: connection stays open");
+        e
+    }
 }
 
 pub fn body(f: &Frame) -> String {

@@ -300,9 +300,6 @@ fn producer_key(message: &RawMessage) -> Option<ProducerKey> {
     Some((producer.to_owned(), sequence))
 }
 
-/// Turns a delivery into a message for the application, or drops it: a
-/// delivery of a lost connection (acknowledging modes) or one already
-/// acknowledged. Records what the message's acknowledgement needs.
 /// Drops the deliveries of connections older than `generation`: they can
 /// no longer be acknowledged. Generations only grow and entries are pushed
 /// in order, so the old ones are at the front and a delivery on the same
@@ -316,6 +313,9 @@ fn forget_older(outstanding: &mut VecDeque<Outstanding>, generation: u64) {
     }
 }
 
+/// Turns a delivery into a message for the application, or drops it: a
+/// delivery of a lost connection (acknowledging modes) or one already
+/// acknowledged. Records what the message's acknowledgement needs.
 async fn accept(
     session: &SessionShared,
     shared: &Arc<ConsumerShared>,
@@ -353,7 +353,7 @@ async fn accept(
             forget_older(&mut o, generation);
             o.push_back(Outstanding {
                 generation,
-                identity: id,
+                identity: id.clone(),
                 key: key.clone(),
                 message: message.clone(),
                 hidden: false,
@@ -380,6 +380,7 @@ async fn accept(
     Some(Message {
         inner: message,
         generation,
+        identity: id,
         key,
         mode,
         consumer: shared.clone(),
@@ -819,6 +820,9 @@ impl Drop for Listener {
 pub struct Message {
     inner: RawMessage,
     generation: u64,
+    /// Its identity in the consumer's dedupe window, as [`identity`] made
+    /// it on delivery.
+    identity: String,
     key: Option<ProducerKey>,
     mode: SessionMode,
     consumer: Arc<ConsumerShared>,
@@ -889,20 +893,17 @@ impl Message {
                 ))
             }
             SessionMode::ClientIndividual => {
-                let own = identity(&self.inner);
-                self.consumer.settled(self.generation, &own);
-                self.consumer.acknowledged(&own, self.key.clone());
+                self.consumer.settled(self.generation, &self.identity);
+                self.consumer.acknowledged(&self.identity, self.key.clone());
             }
             SessionMode::Client => {
                 let (covered, duplicate) = {
                     let mut o = lock(&self.consumer.outstanding);
-                    let own = identity(&self.inner);
-                    let covered: Vec<_> = match o
-                        .iter()
-                        .position(|e| e.generation == self.generation && e.identity == own)
-                    {
+                    let covered: Vec<_> = match o.iter().position(|e| {
+                        e.generation == self.generation && e.identity == self.identity
+                    }) {
                         Some(at) => o.drain(..=at).map(|e| (e.identity, e.key)).collect(),
-                        None => vec![(own, self.key.clone())],
+                        None => vec![(self.identity.clone(), self.key.clone())],
                     };
                     // Only dropped duplicates left after it: one ACK of the
                     // last covers them all.
@@ -949,8 +950,7 @@ impl Message {
                 self.mode
             ))),
             _ => {
-                self.consumer
-                    .settled(self.generation, &identity(&self.inner));
+                self.consumer.settled(self.generation, &self.identity);
                 match self.inner.nack().await {
                     Err(e) if e.is_connection_loss() || matches!(e, Error::Server { .. }) => Ok(()),
                     other => other,

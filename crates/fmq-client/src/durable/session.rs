@@ -123,24 +123,27 @@ impl SessionShared {
         &self.conn.inner
     }
 
-    /// Records a new consumer of the session, forgetting closed ones.
+    /// Records a new consumer of the session.
     pub fn track(&self, consumer: &Arc<ConsumerShared>) {
-        let mut consumers = self
-            .consumers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        consumers.retain(|c| c.upgrade().is_some_and(|c| !c.is_closed()));
-        consumers.push(Arc::downgrade(consumer));
+        self.open_consumers().push(Arc::downgrade(consumer));
     }
 
     /// The session's consumers that are open.
     fn consumers(&self) -> Vec<Arc<ConsumerShared>> {
+        self.open_consumers()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// The consumer list, closed consumers forgotten.
+    fn open_consumers(&self) -> std::sync::MutexGuard<'_, Vec<Weak<ConsumerShared>>> {
         let mut consumers = self
             .consumers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         consumers.retain(|c| c.upgrade().is_some_and(|c| !c.is_closed()));
-        consumers.iter().filter_map(Weak::upgrade).collect()
+        consumers
     }
 }
 
@@ -472,15 +475,7 @@ impl Session {
         }
         if let Some(m) = last {
             let timeout = self.shared.inner().config.request_timeout;
-            let nacked = match m.ack_id_for("NACK") {
-                Ok(id) => {
-                    m.client()
-                        .request_within(Client::ack_frame(Command::Nack, id, None), timeout)
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = nacked {
+            if let Err(e) = m.nack_within(timeout).await {
                 tracing::debug!(error = %e, message_id = %m.message_id, "NACK for recover failed; the message is redelivered after the connection ends");
             }
         }
