@@ -95,10 +95,14 @@ pub struct ProducerReport {
 }
 
 /// Sends receipted persistent messages `p{n}-{k}`, one at a time, to
-/// `addrs[first]` until `stop`; on any error it switches to the other
-/// address and retries CONNECT there every 50 ms until it succeeds. An
-/// unreceipted SEND is not resent (it may be stored), so every id is sent
-/// at most once. Each receipt is also pushed to `live`.
+/// `addrs[first]` until `stop`. A SEND that fails or gets no receipt moves
+/// it to the other address. A CONNECT that is answered and refused (the
+/// server is PASSIVE or WAITING) or fails at once (nothing listens) moves it
+/// on as well, since that server is not the one serving; each address is
+/// tried about every 50 ms. A CONNECT that times out is retried on the same
+/// address (a server cut off by a partition cannot be told from a slow one).
+/// An unreceipted SEND is not resent (it may be stored), so every id is
+/// sent at most once. Each receipt is also pushed to `live`.
 pub async fn producer(
     n: usize,
     load: Workload,
@@ -111,6 +115,9 @@ pub async fn producer(
     let mut target = first;
     let mut conn: Option<Stomp> = None;
     let mut i = 0u64;
+    // CONNECTs refused in a row: after each pair (both addresses tried),
+    // a pause.
+    let mut refused = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -122,8 +129,19 @@ pub async fn producer(
                 )
                 .await;
                 match attempt {
-                    Ok(Ok((c, reply))) if reply.command == Command::Connected => conn.insert(c),
-                    _ => {
+                    Ok(Ok((c, reply))) if reply.command == Command::Connected => {
+                        refused = 0;
+                        conn.insert(c)
+                    }
+                    Ok(_) => {
+                        target = 1 - target;
+                        refused += 1;
+                        if refused.is_multiple_of(2) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        continue;
+                    }
+                    Err(_) => {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -175,6 +193,40 @@ pub fn first_receipt_from(
         .collect();
     let all = (0..producers).all(|n| after.iter().any(|r| r.id.starts_with(&format!("p{n}-"))));
     all.then(|| after.iter().map(|r| r.at).min()).flatten()
+}
+
+/// One line per producer: its receipts from each server, and where and
+/// when (ms after `t0`) the last one came; for a test that finds the load
+/// stuck.
+pub fn receipts_by_producer(
+    live: &Mutex<Vec<Receipted>>,
+    producers: usize,
+    names: [&str; 2],
+    t0: Instant,
+) -> String {
+    let l = lock(live);
+    (0..producers)
+        .map(|n| {
+            let prefix = format!("p{n}-");
+            let mine: Vec<&Receipted> = l.iter().filter(|r| r.id.starts_with(&prefix)).collect();
+            let count = |s: usize| mine.iter().filter(|r| r.server == s).count();
+            let last = mine.last().map_or("none".to_owned(), |r| {
+                format!(
+                    "{} from {} at {} ms",
+                    r.id,
+                    names[r.server],
+                    r.at.saturating_duration_since(t0).as_millis()
+                )
+            });
+            format!(
+                "producer {n}: {} receipts from {}, {} from {}; last {last}\n",
+                count(0),
+                names[0],
+                count(1),
+                names[1]
+            )
+        })
+        .collect()
 }
 
 /// What the producers sent, by outcome.

@@ -59,8 +59,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use fmq_tests::load::{
-    drain_pipelined, duplicates, first_receipt_from, sample, Consumer, ConsumerLog, Producers,
-    Sent, Workload,
+    drain_pipelined, duplicates, first_receipt_from, receipts_by_producer, sample, Consumer,
+    ConsumerLog, Producers, Sent, Workload,
 };
 use fmq_tests::netns::{prerequisites, NsPair, LINKS, LINK_AB};
 use fmq_tests::pair::{HaPair, LocalPair, PRIMARY, SECONDARY};
@@ -594,8 +594,15 @@ async fn run(rig: &mut impl Rig, faults: &[Fault], applied: &mut Vec<Applied>) -
     while first_receipt_from(&live, PRODUCERS, active, since).is_none() {
         if Instant::now() > deadline {
             bail!(
-                "the producers got no receipts from {} within {SETTLE:?} after the faults:\n{}",
+                "the producers got no receipts from {} within {SETTLE:?} after the faults (at {} ms):\n{}{}",
                 rig.name(active),
+                settled.as_millis(),
+                receipts_by_producer(
+                    &live,
+                    PRODUCERS,
+                    [rig.name(PRIMARY), rig.name(SECONDARY)],
+                    t0
+                ),
                 rig.logs()
             );
         }
