@@ -18,7 +18,7 @@
 //!   gateway nor its peer (it is isolated, and the other side may take over);
 //! - an ACTIVE that hears its peer claim ACTIVE re-verifies its lock at once.
 
-use crate::state::{Role, State};
+use crate::state::{LossRetries, Role, State};
 
 /// Timers the machine asks the runtime for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -141,6 +141,8 @@ pub struct Machine {
     trying: bool,
     gateway_ok: bool,
     link_up: bool,
+    /// Quick lock attempts left after the peer's link went down.
+    loss_retries: LossRetries,
     peer: State,
 }
 
@@ -159,6 +161,7 @@ impl Machine {
             trying: false,
             gateway_ok: false,
             link_up: false,
+            loss_retries: LossRetries::default(),
             peer: State::Dead,
         }
     }
@@ -282,6 +285,7 @@ impl Machine {
             }
             Event::LinkUp => {
                 self.link_up = true;
+                self.loss_retries.disarm();
                 // Tell the peer where we are; it tells us the same.
                 out.push(Action::Broadcast {
                     current: self.state,
@@ -291,6 +295,7 @@ impl Machine {
             Event::LinkDown => {
                 if self.link_up {
                     self.link_up = false;
+                    self.loss_retries.arm();
                     self.peer_changed(State::Dead, &mut out);
                     if is_serving(self.state) && !self.gateway_ok {
                         out.push(Action::Log(
@@ -396,7 +401,7 @@ impl Machine {
     fn schedule_retry(&mut self, out: &mut Vec<Action>) {
         out.push(Action::Schedule {
             timer: Timer::LockRetry,
-            after_ms: self.timings.passive_lock_ms,
+            after_ms: self.loss_retries.next_delay(self.timings.passive_lock_ms),
         });
     }
 
@@ -784,6 +789,56 @@ mod tests {
             logs(&s.handle(Event::Start)),
             ["Secondary Server switched to PASSIVE"]
         );
+    }
+
+    /// The delays of the `LockRetry` timers in `actions`.
+    fn retries(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Schedule {
+                    timer: Timer::LockRetry,
+                    after_ms,
+                } => Some(*after_ms),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_busy_lock_after_the_active_dies_is_retried_quickly_for_a_while() {
+        let mut m = passive_with_active_peer();
+        assert!(has(&m.handle(Event::LinkDown), &Action::TryLock));
+        // The dying active's lock is released a moment after its sockets
+        // closed: the first answers are busy.
+        let mut delays = Vec::new();
+        for _ in 0..=crate::state::PEER_LOSS_RETRIES {
+            delays.extend(retries(&m.handle(Event::LockBusy)));
+            assert!(has(
+                &m.handle(Event::Timer(Timer::LockRetry)),
+                &Action::TryLock
+            ));
+        }
+        let quick = crate::state::PEER_LOSS_RETRIES as usize;
+        assert_eq!(delays.len(), quick + 1);
+        assert!(delays[..quick]
+            .iter()
+            .all(|d| *d == crate::state::PEER_LOSS_RETRY_MS));
+        assert_eq!(delays[quick], T.passive_lock_ms);
+        m.handle(Event::LockAcquired { epoch: 2 });
+        assert_eq!(m.state(), State::Activating);
+    }
+
+    #[test]
+    fn a_busy_lock_with_the_link_up_waits_the_passive_interval() {
+        let mut m = passive_with_active_peer();
+        m.handle(Event::LinkDown);
+        m.handle(Event::LinkUp);
+        m.handle(Event::PeerState {
+            current: State::Passive,
+            previous: State::Active,
+        });
+        assert_eq!(retries(&m.handle(Event::LockBusy)), [T.passive_lock_ms]);
     }
 
     #[test]

@@ -32,7 +32,7 @@
 //!    transitions depend on our state, the peer's present state and
 //!    repository position, and whether we hold the lock.
 
-use crate::state::{Role, State};
+use crate::state::{LossRetries, Role, State};
 
 /// A repository position: (epoch, sequence). Compared as a tuple.
 pub type Position = (u64, u64);
@@ -187,6 +187,8 @@ pub struct Machine {
     trying: bool,
     gateway_ok: bool,
     link_up: bool,
+    /// Quick lock attempts left after the peer's link went down.
+    loss_retries: LossRetries,
     peer: State,
     peer_position: Option<Position>,
     position: Position,
@@ -222,6 +224,7 @@ impl Machine {
             trying: false,
             gateway_ok: false,
             link_up: false,
+            loss_retries: LossRetries::default(),
             peer: State::Dead,
             peer_position: None,
             position: (0, 0),
@@ -394,6 +397,7 @@ impl Machine {
             }
             Event::LinkUp => {
                 self.link_up = true;
+                self.loss_retries.disarm();
                 out.push(Action::Broadcast {
                     current: self.state,
                     previous: self.previous,
@@ -402,6 +406,7 @@ impl Machine {
             Event::LinkDown => {
                 if self.link_up {
                     self.link_up = false;
+                    self.loss_retries.arm();
                     self.peer_position = None;
                     self.peer_changed(State::Dead, &mut out);
                     self.peer_lost(&mut out);
@@ -713,7 +718,7 @@ impl Machine {
     fn schedule_retry(&mut self, out: &mut Vec<Action>) {
         out.push(Action::Schedule {
             timer: Timer::LockRetry,
-            after_ms: self.timings.passive_lock_ms,
+            after_ms: self.loss_retries.next_delay(self.timings.passive_lock_ms),
         });
     }
 
@@ -1385,6 +1390,54 @@ mod tests {
                 "New status of remote server = WAITING"
             ]
         );
+    }
+
+    /// The delays of the `LockRetry` timers in `actions`.
+    fn retries(actions: &[Action]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Schedule {
+                    timer: Timer::LockRetry,
+                    after_ms,
+                } => Some(*after_ms),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_busy_lock_after_the_active_dies_is_retried_quickly_for_a_while() {
+        let mut m = following(State::Passive);
+        let lost = m.handle(Event::LinkDown);
+        assert!(lost.contains(&Action::TryLock));
+        assert_eq!(m.state(), State::Waiting);
+        // The dying active's lock is released a moment after its sockets
+        // closed: the first answers are busy.
+        let mut delays = Vec::new();
+        for _ in 0..=crate::state::PEER_LOSS_RETRIES {
+            delays.extend(retries(&m.handle(Event::LockBusy)));
+            m.handle(Event::Timer(Timer::LockRetry));
+        }
+        let quick = crate::state::PEER_LOSS_RETRIES as usize;
+        assert_eq!(delays.len(), quick + 1);
+        assert!(delays[..quick]
+            .iter()
+            .all(|d| *d == crate::state::PEER_LOSS_RETRY_MS));
+        assert_eq!(delays[quick], T.passive_lock_ms);
+        // Once free, it is ours.
+        m.handle(Event::LockAcquired { epoch: 3 });
+        assert!(m.holds_lock());
+    }
+
+    #[test]
+    fn a_busy_lock_with_the_link_up_waits_the_passive_interval() {
+        let mut m = following(State::Passive);
+        m.handle(Event::LinkDown);
+        // The peer is back: a busy lock is no longer a dying peer's.
+        m.handle(Event::LinkUp);
+        assert_eq!(m.state(), State::Waiting);
+        assert_eq!(retries(&m.handle(Event::LockBusy)), [T.passive_lock_ms]);
     }
 
     #[test]

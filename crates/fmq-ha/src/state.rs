@@ -120,3 +120,42 @@ mod tests {
         assert_eq!(State::ActiveSync.to_string(), "ACTIVE_SYNC");
     }
 }
+
+/// Delay between the quick lock attempts that follow the loss of the peer.
+pub const PEER_LOSS_RETRY_MS: u64 = 20;
+/// How many quick lock attempts follow the loss of the peer.
+pub const PEER_LOSS_RETRIES: u32 = 10;
+
+/// The lock attempts that follow the loss of the peer. A peer killed while
+/// holding the lock closes its sockets (which tells us it is gone) and
+/// releases its lock file as its process exits, and the two are not ordered:
+/// the attempt made at once can find the lock still held for a moment. So
+/// for [`PEER_LOSS_RETRIES`] attempts after a link loss a busy lock is tried
+/// again after [`PEER_LOSS_RETRY_MS`], not after the passive interval;
+/// without this, one take-over in ten or so waited the whole
+/// `passive_lock_reacquisition_interval`. A peer that is alive keeps its
+/// lock, so the extra attempts only fail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LossRetries(u32);
+
+impl LossRetries {
+    /// The link to the peer went down: the next attempts are quick.
+    pub(crate) fn arm(&mut self) {
+        self.0 = PEER_LOSS_RETRIES;
+    }
+
+    /// The link is back: the passive interval applies.
+    pub(crate) fn disarm(&mut self) {
+        self.0 = 0;
+    }
+
+    /// The delay before the next lock attempt, given the passive interval.
+    pub(crate) fn next_delay(&mut self, passive_ms: u64) -> u64 {
+        if self.0 > 0 {
+            self.0 -= 1;
+            PEER_LOSS_RETRY_MS.min(passive_ms)
+        } else {
+            passive_ms
+        }
+    }
+}
