@@ -297,12 +297,10 @@ struct Progress {
     sent: AtomicUsize,
     /// Sends receipted by a server straight away.
     receipted: AtomicUsize,
-    /// `x-id`s in the order the application received them.
-    received: Mutex<Vec<String>>,
-    /// Each delivery to the consumer, in the same order: `x-id`, then what
+    /// Each delivery to the application, in order: its `x-id`, then what
     /// tells copies apart (broker message id, relay sequence, redelivered
     /// flag, when), shown for the duplicates when there are some.
-    deliveries: Mutex<Vec<(String, String)>>,
+    received: Mutex<Vec<(String, String)>>,
     /// Each relay transaction reported rolled back: its `x-id`, when, why.
     rollbacks: Mutex<Vec<String>>,
     /// Messages whose body does not match their `x-id`.
@@ -471,11 +469,11 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
                         .push(id.clone());
                 }
                 progress
-                    .deliveries
+                    .received
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((
-                        id.clone(),
+                        id,
                         format!(
                             "{} relay-sequence {:?} redelivered {} at {:.3} s",
                             m.message_id(),
@@ -484,11 +482,6 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
                             t0.elapsed().as_secs_f64()
                         ),
                     ));
-                progress
-                    .received
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(id);
                 m.ack().await?;
             }
             consumer.close().await
@@ -608,11 +601,12 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
         .await
         .map_err(|_| anyhow!("the consumer did not stop within 30 s"))???;
 
-    let received = progress
+    let deliveries = progress
         .received
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let received: Vec<&String> = deliveries.iter().map(|(id, _)| id).collect();
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for id in &received {
         *seen.entry(id.as_str()).or_default() += 1;
@@ -645,7 +639,7 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
         .windows(2)
         .filter(|w| {
             let n = |s: &str| s.strip_prefix("m-").and_then(|n| n.parse::<usize>().ok());
-            n(&w[1]) < n(&w[0])
+            n(w[1]) < n(w[0])
         })
         .count();
 
@@ -676,10 +670,7 @@ async fn kill_active_repeatedly_under_load(mode: Mode) -> Result<()> {
     {
         println!("[{mode:?}]   rolled back: {r}");
     }
-    for (id, copy) in progress
-        .deliveries
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    for (id, copy) in deliveries
         .iter()
         .filter(|(id, _)| seen.get(id.as_str()).is_some_and(|n| *n > 1))
     {

@@ -50,9 +50,9 @@ pub enum Outbound {
         /// For auto-ack deliveries: (subscription id, message id) to report
         /// back once written, which acknowledges it.
         auto_ack: Option<(Arc<str>, u64)>,
-        /// The store batch that wrote the message, if it may not be durable
-        /// yet (0: it is): the writer holds the frame, and every later one,
-        /// until the engine's [`DurableBatches`] reaches it. A consumer
+        /// The store batch that wrote the message (0: recovered from the
+        /// store, or not stored): the writer holds the frame, and every
+        /// later one, until the engine's [`DurableBatches`] reaches it. A consumer
         /// never sees a message that a crash could still take back (a SEND
         /// whose RECEIPT was lost, a transaction the broker then reports
         /// rolled back), which it could not tell from a new one.
@@ -582,6 +582,9 @@ impl Engine {
         let sync = std::mem::take(&mut self.sync_wanted);
         let mut batch = std::mem::take(&mut self.batch);
         let durable = if batch.is_empty() && !sync {
+            if self.waiters.is_empty() {
+                return; // nothing written, nobody to answer
+            }
             futures::FutureExt::shared(Commit::ready(Ok(self.store.last_sequence())))
         } else {
             batch.set_sync(sync);
@@ -1280,7 +1283,6 @@ impl Engine {
     /// Delivers pending entries of `key` to consumers with free prefetch.
     fn dispatch(&mut self, key: &QueueKey) {
         let now = now_ms();
-        let durable = *self.durable.borrow();
         let Some(q) = self.queues.get_mut(key) else {
             return;
         };
@@ -1321,7 +1323,7 @@ impl Engine {
                 }
                 q.rr = (idx + 1) % n;
                 let ck = q.consumers[idx].clone();
-                acked.extend(deliver(sessions, q, &ck, entry, durable));
+                acked.extend(deliver(sessions, q, &ck, entry));
                 delivered += 1;
             }
         } else {
@@ -1354,7 +1356,7 @@ impl Engine {
                     Some(idx) => {
                         q.rr = (idx + 1) % n;
                         let ck = q.consumers[idx].clone();
-                        acked.extend(deliver(sessions, q, &ck, entry, durable));
+                        acked.extend(deliver(sessions, q, &ck, entry));
                         delivered += 1;
                     }
                     None => kept.push(entry),
@@ -1416,7 +1418,6 @@ fn deliver(
     q: &mut Queue,
     ck: &ConsumerKey,
     entry: Entry,
-    durable: u64,
 ) -> Option<Entry> {
     let Some(state) = sessions.get_mut(&ck.0) else {
         q.push_front(entry);
@@ -1434,15 +1435,10 @@ fn deliver(
     let auto_ack = auto.then(|| (ck.1.clone(), id));
     // A send error means the session is closing; its Close command will
     // requeue what is in flight.
-    let after = if entry.batch > durable {
-        entry.batch
-    } else {
-        0
-    };
     let _ = state.out.send(Outbound::Message {
         frame,
         auto_ack,
-        after,
+        after: entry.batch,
     });
     if auto {
         Some(entry)
