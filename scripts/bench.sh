@@ -20,7 +20,8 @@
 # data dir, free loopback ports), then runs three scenarios against the
 # brokers interleaved for R rounds (default 5), the first broker rotating from
 # round to round, with `sync` and an S-second pause (default 2) before every
-# run and an fsync probe before each round, and writes docs/benchmarks.md.
+# run and an fsync probe before each round (one writer, then two at once, as
+# the pair's two stores write here), and writes docs/benchmarks.md.
 # After the rounds (unless --no-strace, or strace is missing) it runs each
 # FerroMQ broker once more, untimed, under `strace -f -c -e fsync,fdatasync`
 # (every server of the pair) and reports the syncs per message.
@@ -134,6 +135,7 @@ if [[ $BUILD == 1 ]]; then
     fi
 fi
 [[ -x "$BENCH_BIN" ]] || die "$BENCH_BIN missing (build it or drop --no-build)"
+[[ $BUILD == 1 ]] || warn_if_stale "$ROOT" "$BENCH_BIN" "$FMQ_BIN"
 if want_fmq && [[ ! -x "$FMQ_BIN" ]]; then
     log "SKIPPING FerroMQ: $FMQ_BIN does not exist (fmq-server not built yet)"
     SKIPPED_FERROMQ="FerroMQ skipped: $FMQ_BIN was missing"
@@ -470,21 +472,37 @@ settle() { # flush dirty pages of the previous run, then pause
     sleep "$SETTLE"
 }
 
-fsync_probe() { # round -> prints ms per 4 KiB write+fdatasync (median, p90)
+fsync_probe() { # -> prints ms per 4 KiB append + fdatasync: median and p90 of one
+    # writer alone, then median and p90 of two writers (two processes, two
+    # files) at once, as the two stores of the replicated pair write here.
     python3 - "$RUN/probe" <<'EOF'
-import os, sys, time, statistics
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-buf = b"\0" * 4096
-lat = []
-for _ in range(200):
-    t = time.perf_counter()
-    os.write(fd, buf)
-    os.fdatasync(fd)
-    lat.append((time.perf_counter() - t) * 1000)
-os.close(fd)
-os.unlink(sys.argv[1])
-lat.sort()
-print(f"{statistics.median(lat):.3f} {lat[int(len(lat) * 0.9)]:.3f}")
+import multiprocessing, os, sys, time, statistics
+
+def probe(path, n, out):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    buf = b"\0" * 4096
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        os.write(fd, buf)
+        os.fdatasync(fd)
+        lat.append((time.perf_counter() - t) * 1000)
+    os.close(fd)
+    os.unlink(path)
+    out.put(lat)
+
+def run(writers, n=200):
+    out = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=probe, args=(f"{sys.argv[1]}.{i}", n, out))
+             for i in range(writers)]
+    for p in procs:
+        p.start()
+    lat = sorted(x for _ in procs for x in out.get())
+    for p in procs:
+        p.join()
+    return f"{statistics.median(lat):.3f} {lat[int(len(lat) * 0.9)]:.3f}"
+
+print(run(1), run(2))
 EOF
 }
 
@@ -494,12 +512,12 @@ for b in "${ACTIVE[@]}"; do
     bench "$b" warmup 0 --messages 2000 --receipt-every 10 || true
 done
 
-echo -e "round\tfsync_median_ms\tfsync_p90_ms" >"$RUN/fsync.tsv"
+echo -e "round\tfsync_median_ms\tfsync_p90_ms\ttwo_writers_median_ms\ttwo_writers_p90_ms" >"$RUN/fsync.tsv"
 T0=$(date +%s)
 for ((r = 1; r <= ROUNDS; r++)); do
-    read -r fmed fp90 < <(fsync_probe)
-    echo -e "$r\t$fmed\t$fp90" >>"$RUN/fsync.tsv"
-    log "round $r/$ROUNDS: fsync probe median $fmed ms, p90 $fp90 ms"
+    read -r fmed fp90 fmed2 fp902 < <(fsync_probe)
+    echo -e "$r\t$fmed\t$fp90\t$fmed2\t$fp902" >>"$RUN/fsync.tsv"
+    log "round $r/$ROUNDS: fsync probe median $fmed ms, p90 $fp90 ms; two writers at once: median $fmed2 ms, p90 $fp902 ms"
     # Rotate which broker goes first, so none always runs right after the
     # same neighbour (whose background disk writes would then always land
     # on it), and let the disk settle before every run.

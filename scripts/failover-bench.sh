@@ -114,6 +114,7 @@ if [[ $BUILD == 1 ]] && want_fmq; then
     (cd "$ROOT" && cargo build --release -p fmq-server) || die "cargo build failed"
 fi
 if want_fmq; then [[ -x "$FMQ_BIN" ]] || die "$FMQ_BIN missing (build it or drop --no-build)"; fi
+if want_fmq && [[ $BUILD == 0 ]]; then warn_if_stale "$ROOT" "$FMQ_BIN"; fi
 
 # ---------------------------------------------------------------- run dir & cleanup
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/fmq-failover.XXXXXX")
@@ -584,7 +585,7 @@ if want activemq; then wait_amq_pair || log "WARNING: ActiveMQ pair not healthy 
         local f="$ROOT/profiles/$1/HAPrimary/fmq.toml" k
         local -A v
         for k in ping_interval active_lock_reacquisition_interval passive_lock_reacquisition_interval; do
-            v[$k]=$(grep -E "^$k[[:space:]]*=" "$f" 2>/dev/null | grep -Eo '[0-9]+' | head -n1)
+            v[$k]=$(grep -E "^${k}[[:space:]]*=" "$f" 2>/dev/null | grep -Eo '[0-9]+' | head -n1)
         done
         echo "ping ${v[ping_interval]:-?} ms, lock ${v[active_lock_reacquisition_interval]:-?}/${v[passive_lock_reacquisition_interval]:-?} ms"
     }

@@ -37,8 +37,10 @@ def load(run):
     with open(os.path.join(run, "fsync.tsv")) as f:
         next(f)
         for line in f:
-            r, med, p90 = line.split()
-            fsync.append((int(r), float(med), float(p90)))
+            # Runs before the two-writer probe have three columns.
+            r, med, p90, *two = line.split()
+            two = tuple(float(x) for x in two) if len(two) == 2 else None
+            fsync.append((int(r), float(med), float(p90), two))
     res = {}
     for path in glob.glob(os.path.join(run, "results", "*.json")):
         name = os.path.basename(path)[: -len(".json")]
@@ -145,8 +147,15 @@ def main():
     w(f"| OS | {meta.get('os', '?')} |")
     w(f"| Java (ActiveMQ) | {meta.get('java', '?')} |")
     w(f"| file system of the data dirs | {meta.get('fs', '?')} |")
-    probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, m, p in fsync)
-    w(f"| fsync probe, 4 KiB write + fdatasync, median of 200 | {probes} |")
+    probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, m, p, _ in fsync)
+    w(f"| fsync probe, 4 KiB append + fdatasync, median of 200 | {probes} |")
+    two = [(r, t) for r, _, _, t in fsync if t]
+    if two:
+        probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, (m, p) in two)
+        w(
+            "| the same, two processes on two files at once (as the replicated pair's "
+            f"two stores write on this machine), median of 400 | {probes} |"
+        )
     if meta.get("load"):
         w(f"| load average (1/5/15 min) at the end of the rounds | {meta['load']} |")
     w("")
