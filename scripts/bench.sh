@@ -135,7 +135,7 @@ if [[ $BUILD == 1 ]]; then
     fi
 fi
 [[ -x "$BENCH_BIN" ]] || die "$BENCH_BIN missing (build it or drop --no-build)"
-[[ $BUILD == 1 ]] || warn_if_stale "$ROOT" "$BENCH_BIN" "$FMQ_BIN"
+[[ $BUILD == 1 ]] || warn_if_stale "$BENCH_BIN" "$FMQ_BIN"
 if want_fmq && [[ ! -x "$FMQ_BIN" ]]; then
     log "SKIPPING FerroMQ: $FMQ_BIN does not exist (fmq-server not built yet)"
     SKIPPED_FERROMQ="FerroMQ skipped: $FMQ_BIN was missing"

@@ -114,7 +114,7 @@ if [[ $BUILD == 1 ]] && want_fmq; then
     (cd "$ROOT" && cargo build --release -p fmq-server) || die "cargo build failed"
 fi
 if want_fmq; then [[ -x "$FMQ_BIN" ]] || die "$FMQ_BIN missing (build it or drop --no-build)"; fi
-if want_fmq && [[ $BUILD == 0 ]]; then warn_if_stale "$ROOT" "$FMQ_BIN"; fi
+if want_fmq && [[ $BUILD == 0 ]]; then warn_if_stale "$FMQ_BIN"; fi
 
 # ---------------------------------------------------------------- run dir & cleanup
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/fmq-failover.XXXXXX")

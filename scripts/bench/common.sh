@@ -17,18 +17,19 @@ stop_group() { # pid name: SIGTERM the process group, wait, then SIGKILL
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
 }
 
-warn_if_stale() { # root binary...: a --no-build run must not credit an old
-    # binary to the checkout it reports (git describe names the sources,
-    # not the build); warn when a binary is older than any source file.
-    local root=$1 b newest; shift
-    newest=$(find "$root/crates" "$root/Cargo.toml" "$root/Cargo.lock" "$root/.cargo" \
-        -type f \( -name '*.rs' -o -name 'Cargo.*' -o -name 'config.toml' \) \
-        -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -n 1)
-    [[ -n "$newest" ]] || return 0
+warn_if_stale() { # binary...: a --no-build run must not credit an old binary
+    # to the checkout it reports (git describe names the sources, not the
+    # build). Cargo's dep-info file beside each binary lists the sources it
+    # was built from; warn when one of them is newer than the binary.
+    local b f newest
     for b in "$@"; do
-        [[ -x "$b" ]] || continue
-        if [[ $(stat -c %Y "$b") -lt ${newest%%.*} ]]; then
-            log "WARNING: $b is older than ${newest#* } (--no-build runs it as it is; rebuild, or set CARGO_TARGET_DIR to the target dir you built in)"
+        [[ -x "$b" && -f "$b.d" ]] || continue
+        newest=""
+        for f in $(cut -d: -f2- "$b.d"); do
+            [[ -f "$f" && "$f" -nt "$b" ]] && { newest=$f; break; }
+        done
+        if [[ -n "$newest" ]]; then
+            log "WARNING: $b is older than its source $newest (--no-build runs it as it is; rebuild, or set CARGO_TARGET_DIR to the target dir you built in)"
         fi
     done
 }
