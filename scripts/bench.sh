@@ -472,40 +472,6 @@ settle() { # flush dirty pages of the previous run, then pause
     sleep "$SETTLE"
 }
 
-fsync_probe() { # -> prints ms per 4 KiB append + fdatasync: median and p90 of one
-    # writer alone, then median and p90 of two writers (two processes, two
-    # files) at once, as the two stores of the replicated pair write here.
-    python3 - "$RUN/probe" <<'EOF'
-import multiprocessing, os, sys, time, statistics
-
-def probe(path, n, out):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    buf = b"\0" * 4096
-    lat = []
-    for _ in range(n):
-        t = time.perf_counter()
-        os.write(fd, buf)
-        os.fdatasync(fd)
-        lat.append((time.perf_counter() - t) * 1000)
-    os.close(fd)
-    os.unlink(path)
-    out.put(lat)
-
-def run(writers, n=200):
-    out = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=probe, args=(f"{sys.argv[1]}.{i}", n, out))
-             for i in range(writers)]
-    for p in procs:
-        p.start()
-    lat = sorted(x for _ in procs for x in out.get())
-    for p in procs:
-        p.join()
-    return f"{statistics.median(lat):.3f} {lat[int(len(lat) * 0.9)]:.3f}"
-
-print(run(1), run(2))
-EOF
-}
-
 # Warm-up (JIT, queue creation paths), not recorded.
 for b in "${ACTIVE[@]}"; do
     log "warm-up $b"
@@ -515,7 +481,7 @@ done
 echo -e "round\tfsync_median_ms\tfsync_p90_ms\ttwo_writers_median_ms\ttwo_writers_p90_ms" >"$RUN/fsync.tsv"
 T0=$(date +%s)
 for ((r = 1; r <= ROUNDS; r++)); do
-    read -r fmed fp90 fmed2 fp902 < <(fsync_probe)
+    read -r fmed fp90 fmed2 fp902 < <(fsync_probe "$RUN/probe" 200 1 2)
     echo -e "$r\t$fmed\t$fp90\t$fmed2\t$fp902" >>"$RUN/fsync.tsv"
     log "round $r/$ROUNDS: fsync probe median $fmed ms, p90 $fp90 ms; two writers at once: median $fmed2 ms, p90 $fp902 ms"
     # Rotate which broker goes first, so none always runs right after the

@@ -465,22 +465,6 @@ json.dump(res, open(a.out, "w"))
 print(json.dumps(res))
 EOF
 
-fsync_probe() { # -> ms per 4 KiB write+fdatasync (median of 100)
-    python3 - "$RUN/probe" <<'EOF'
-import os, sys, time, statistics
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-lat = []
-for _ in range(100):
-    t = time.perf_counter()
-    os.write(fd, b"\0" * 4096)
-    os.fdatasync(fd)
-    lat.append((time.perf_counter() - t) * 1000)
-os.close(fd)
-os.unlink(sys.argv[1])
-print(f"{statistics.median(lat):.3f}")
-EOF
-}
-
 # ---------------------------------------------------------------- start
 for k in ferromq ferromq-rpl; do
     want "$k" || continue
@@ -521,7 +505,7 @@ one_run() { # broker run
     fi
     out="$RUN/results/$b.$r.json"
     local fs
-    fs=$(fsync_probe)
+    read -r fs _ < <(fsync_probe "$RUN/probe" 100 1)
     sync
     sleep 1
     timeout 180 python3 "$RUN/failover_run.py" --ports "$ports" --kill-pid "$pid" "${args[@]}" \

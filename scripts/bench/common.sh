@@ -21,17 +21,53 @@ warn_if_stale() { # binary...: a --no-build run must not credit an old binary
     # to the checkout it reports (git describe names the sources, not the
     # build). Cargo's dep-info file beside each binary lists the sources it
     # was built from; warn when one of them is newer than the binary.
-    local b f newest
+    local b f newer
     for b in "$@"; do
         [[ -x "$b" && -f "$b.d" ]] || continue
-        newest=""
+        newer=""
         for f in $(cut -d: -f2- "$b.d"); do
-            [[ -f "$f" && "$f" -nt "$b" ]] && { newest=$f; break; }
+            [[ -f "$f" && "$f" -nt "$b" ]] && { newer=$f; break; }
         done
-        if [[ -n "$newest" ]]; then
-            log "WARNING: $b is older than its source $newest (--no-build runs it as it is; rebuild, or set CARGO_TARGET_DIR to the target dir you built in)"
+        if [[ -n "$newer" ]]; then
+            log "WARNING: $b is older than its source $newer (--no-build runs it as it is; rebuild, or set CARGO_TARGET_DIR to the target dir you built in)"
         fi
     done
+}
+
+fsync_probe() { # path count writers...: for each number of writers (processes
+    # appending 4 KiB + fdatasync to files of their own at once, as the
+    # replicated pair's two stores do), prints the median and p90 in ms of
+    # count writes each, all on one line
+    python3 - "$@" <<'EOF'
+import multiprocessing, os, sys, time, statistics
+
+def probe(path, n, out):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    buf = b"\0" * 4096
+    lat = []
+    for _ in range(n):
+        t = time.perf_counter()
+        os.write(fd, buf)
+        os.fdatasync(fd)
+        lat.append((time.perf_counter() - t) * 1000)
+    os.close(fd)
+    os.unlink(path)
+    out.put(lat)
+
+def run(path, n, writers):
+    out = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=probe, args=(f"{path}.{i}", n, out))
+             for i in range(writers)]
+    for p in procs:
+        p.start()
+    lat = sorted(x for _ in procs for x in out.get())
+    for p in procs:
+        p.join()
+    return f"{statistics.median(lat):.3f} {lat[int(len(lat) * 0.9)]:.3f}"
+
+path, n = sys.argv[1], int(sys.argv[2])
+print(" ".join(run(path, n, int(w)) for w in sys.argv[3:]))
+EOF
 }
 
 free_port() { # -> a port free on 127.0.0.1 right now

@@ -819,12 +819,7 @@ mod tests {
                 &Action::TryLock
             ));
         }
-        let quick = crate::state::PEER_LOSS_RETRIES as usize;
-        assert_eq!(delays.len(), quick + 1);
-        assert!(delays[..quick]
-            .iter()
-            .all(|d| *d == crate::state::PEER_LOSS_RETRY_MS));
-        assert_eq!(delays[quick], T.passive_lock_ms);
+        crate::state::assert_loss_retry_delays(&delays, T.passive_lock_ms);
         m.handle(Event::LockAcquired { epoch: 2 });
         assert_eq!(m.state(), State::Activating);
     }

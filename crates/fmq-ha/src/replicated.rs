@@ -1419,12 +1419,7 @@ mod tests {
             delays.extend(retries(&m.handle(Event::LockBusy)));
             m.handle(Event::Timer(Timer::LockRetry));
         }
-        let quick = crate::state::PEER_LOSS_RETRIES as usize;
-        assert_eq!(delays.len(), quick + 1);
-        assert!(delays[..quick]
-            .iter()
-            .all(|d| *d == crate::state::PEER_LOSS_RETRY_MS));
-        assert_eq!(delays[quick], T.passive_lock_ms);
+        crate::state::assert_loss_retry_delays(&delays, T.passive_lock_ms);
         // Once free, it is ours.
         m.handle(Event::LockAcquired { epoch: 3 });
         assert!(m.holds_lock());

@@ -159,3 +159,16 @@ impl LossRetries {
         }
     }
 }
+
+/// Checks the delays a machine gave a busy lock after losing its peer:
+/// [`PEER_LOSS_RETRIES`] quick ones, then the passive interval.
+#[cfg(test)]
+pub(crate) fn assert_loss_retry_delays(delays: &[u64], passive_ms: u64) {
+    let quick = PEER_LOSS_RETRIES as usize;
+    assert_eq!(delays.len(), quick + 1, "{delays:?}");
+    assert!(
+        delays[..quick].iter().all(|d| *d == PEER_LOSS_RETRY_MS),
+        "{delays:?}"
+    );
+    assert_eq!(delays[quick], passive_ms);
+}

@@ -28,7 +28,8 @@ use crate::admin::Request;
 /// and (replicated) a replication frame, allocated on one thread and freed
 /// on another; under that load glibc's malloc (arena locking, consolidation
 /// of freed chunks) took about a tenth of the server's CPU, jemalloc's
-/// thread caches a good part less (see docs/benchmarks.md).
+/// thread caches a good part less (CPU per message: docs/ha-replicated.md,
+/// Known limits).
 #[cfg(all(unix, not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
