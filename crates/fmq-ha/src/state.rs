@@ -94,33 +94,6 @@ impl fmt::Display for Role {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_serving_states_accept_clients() {
-        let serving: Vec<State> = [
-            State::Waiting,
-            State::ActiveSync,
-            State::PassiveSync,
-            State::Active,
-            State::Passive,
-            State::Standalone,
-            State::Activating,
-            State::Dead,
-        ]
-        .into_iter()
-        .filter(|s| s.accepts_clients())
-        .collect();
-        assert_eq!(
-            serving,
-            [State::ActiveSync, State::Active, State::Standalone]
-        );
-        assert_eq!(State::ActiveSync.to_string(), "ACTIVE_SYNC");
-    }
-}
-
 /// Delay between the quick lock attempts that follow the loss of the peer.
 pub const PEER_LOSS_RETRY_MS: u64 = 20;
 /// How many quick lock attempts follow the loss of the peer.
@@ -171,4 +144,31 @@ pub(crate) fn assert_loss_retry_delays(delays: &[u64], passive_ms: u64) {
         "{delays:?}"
     );
     assert_eq!(delays[quick], passive_ms);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_serving_states_accept_clients() {
+        let serving: Vec<State> = [
+            State::Waiting,
+            State::ActiveSync,
+            State::PassiveSync,
+            State::Active,
+            State::Passive,
+            State::Standalone,
+            State::Activating,
+            State::Dead,
+        ]
+        .into_iter()
+        .filter(|s| s.accepts_clients())
+        .collect();
+        assert_eq!(
+            serving,
+            [State::ActiveSync, State::Active, State::Standalone]
+        );
+        assert_eq!(State::ActiveSync.to_string(), "ACTIVE_SYNC");
+    }
 }
