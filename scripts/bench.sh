@@ -4,13 +4,20 @@
 #
 #   scripts/bench.sh [--rounds R] [--settle S] [--messages N] [--messages-100 N] [--messages-16 N]
 #                    [--brokers ferromq,ferromq-rpl,activemq,rabbitmq] [--out FILE] [--no-build]
-#                    [--no-install] [--no-strace] [--keep] [--serve]
+#                    [--no-install] [--no-strace] [--keep] [--serve] [--rpl-db DIR0,DIR1]
 #
 # --brokers (alias --only) selects the brokers; all four by default.
 # ferromq-rpl is the replicated pair of profiles/FerroMQ_HA_rpl
 # (`replication = "sync"`: a RECEIPT waits until the passive has the batch
 # on disk too), both servers and their gateway on this machine, each with its
 # own store; the load goes to the ACTIVE one.
+#
+# --rpl-db DIR0,DIR1 puts the pair's stores (HAPrimary's, HASecondary's) in a
+# fresh directory under DIR0 and DIR1 instead of the run dir: on a machine
+# with two disks, one store on each, as two hosts would have them. The report
+# names the filesystem each store was on. A tmpfs directory (/dev/shm) takes
+# a store's writes off the disk altogether: not durable, so only a way to see
+# what the shared disk costs the pair, never a figure for the pair itself.
 #
 # --serve starts the brokers, prints their ports and waits (Ctrl-C stops them):
 # handy for manual fmq-bench runs.
@@ -46,6 +53,7 @@ KEEP=0
 RUN_TIMEOUT=600    # per fmq-bench run, seconds
 SERVE=0
 STRACE=1           # count fsyncs per message of the FerroMQ servers after the rounds
+RPL_DB=""          # DIR0,DIR1: parents of the pair's stores (default: the run dir)
 CMDLINE="scripts/bench.sh${*:+ $*}"
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; }
@@ -64,12 +72,21 @@ while [[ $# -gt 0 ]]; do
         --keep) KEEP=1; shift ;;
         --serve) SERVE=1; shift ;;
         --no-strace) STRACE=0; shift ;;
+        --rpl-db) RPL_DB=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
 done
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+RPL_DB_DIRS=()
+if [[ -n "$RPL_DB" ]]; then
+    IFS=, read -r -a RPL_DB_DIRS <<<"$RPL_DB"
+    [[ ${#RPL_DB_DIRS[@]} == 2 ]] || { echo "bench.sh: --rpl-db wants two directories, DIR0,DIR1 (got '$RPL_DB')" >&2; exit 2; }
+    for dir in "${RPL_DB_DIRS[@]}"; do
+        [[ -d "$dir" && -w "$dir" ]] || { echo "bench.sh: --rpl-db: '$dir' is not a writable directory" >&2; exit 2; }
+    done
+fi
 die() { log "ERROR: $*"; exit 1; }
 # shellcheck source=scripts/bench/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench/common.sh"
@@ -151,6 +168,7 @@ mkdir -p "$RUN/results"
 # Run from a snapshot of the binaries: others may rebuild target/ meanwhile.
 { read -r BENCH_BIN; read -r FMQ_BIN; } < <(snapshot_bins "$RUN/bin" "$BENCH_BIN" "$FMQ_BIN")
 PGIDS=()     # process groups we started (setsid leaders)
+RPL_STORES=() # --rpl-db: the store directories made for the pair, removed on exit
 CHILD=""     # current foreground helper (fmq-bench run or sleep), stopped on exit
 declare -A PIDOF=()
 
@@ -176,8 +194,9 @@ cleanup() {
     done
     if [[ $KEEP == 1 ]]; then
         log "kept run dir $RUN"
+        [[ ${#RPL_STORES[@]} -gt 0 ]] && log "kept the stores of the pair: ${RPL_STORES[*]}"
     else
-        rm -rf "$RUN"
+        rm -rf "$RUN" "${RPL_STORES[@]}"
     fi
     exit "$rc"
 }
@@ -304,7 +323,8 @@ start_ferromq() {
 
 # The replicated pair: a gateway and two servers (0 = HAPrimary,
 # 1 = HASecondary) from copies of profiles/FerroMQ_HA_rpl with free ports,
-# each with a fresh store of its own (run/db under its profile copy).
+# each with a fresh store of its own (run/db under its profile copy, or
+# under the --rpl-db directories).
 declare -A RPL_PORT=() RPL_ADMIN=()
 RPL_ACTIVE_IDX=""
 RPL_PASSIVE_IDX=""
@@ -328,7 +348,8 @@ rpl_wait_pair() { # seconds: until one server is ACTIVE and the other PASSIVE; s
     done
 }
 start_ferromq_rpl() {
-    local d="$RUN/ferromq-rpl" src="$ROOT/profiles/FerroMQ_HA_rpl" ports p0 p1 a0 a1 g i prof
+    local d="$RUN/ferromq-rpl" src="$ROOT/profiles/FerroMQ_HA_rpl" ports p0 p1 a0 a1 g i prof stores
+    local -a db=()
     [[ -f "$src/HAPrimary/fmq.toml" && -f "$src/HASecondary/fmq.toml" ]] || { log "profiles/FerroMQ_HA_rpl missing"; return 1; }
     ports=$(fmq_pair_profiles "$src" "$d") || return 1
     read -r p0 p1 a0 a1 g <<<"$ports"
@@ -338,14 +359,34 @@ start_ferromq_rpl() {
     wait_port "replicated pair gateway" "${PIDOF[ferromq-rpl-gw]}" "$g" 10 "$d/run/gateway.out" || return 1
     for i in 0 1; do
         prof=HAPrimary; [[ $i == 1 ]] && prof=HASecondary
-        start_child "ferromq-rpl$i" "$d/$prof/run/fmq.out" "$FMQ_BIN" -profile "$d/$prof"
+        if [[ ${#RPL_DB_DIRS[@]} == 2 ]]; then
+            RPL_STORES+=("$(mktemp -d "${RPL_DB_DIRS[$i]}/fmq-bench-$prof.XXXXXX")") || return 1
+            db=(-dbPath "${RPL_STORES[-1]}/db")
+        else
+            db=()
+        fi
+        start_child "ferromq-rpl$i" "$d/$prof/run/fmq.out" "$FMQ_BIN" -profile "$d/$prof" "${db[@]}"
         wait_port "replicated $prof" "${PIDOF[ferromq-rpl$i]}" "${RPL_ADMIN[$i]}" 60 "$d/$prof/run/fmq.out" || return 1
     done
     rpl_wait_pair 90 || return 1
     PORT[ferromq-rpl]=${RPL_PORT[$RPL_ACTIVE_IDX]}; LOGIN[ferromq-rpl]="admin"; PASS[ferromq-rpl]="passwd"; VHOST[ferromq-rpl]=127.0.0.1
     PIDOF[ferromq-rpl]=${PIDOF[ferromq-rpl$RPL_ACTIVE_IDX]}
     local role=HAPrimary; [[ $RPL_ACTIVE_IDX == 1 ]] && role=HASecondary
-    VERSION[ferromq-rpl]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build of $(stat -c %y "$FMQ_BIN" | cut -d. -f1)), replicated pair of profiles/FerroMQ_HA_rpl on this machine ($(grep -E '^replication[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), ping_interval $(grep -E '^ping_interval' "$d/HAPrimary/fmq.toml" | grep -Eo '[0-9]+') ms), load sent to the ACTIVE ($role), both stores on the same disk"
+    if [[ ${#RPL_STORES[@]} == 2 ]]; then
+        stores="stores: HAPrimary's on $(store_fs "${RPL_STORES[0]}"), HASecondary's on $(store_fs "${RPL_STORES[1]}") (--rpl-db)"
+    else
+        stores="both stores on the same disk ($(store_fs "$d"))"
+    fi
+    VERSION[ferromq-rpl]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build of $(stat -c %y "$FMQ_BIN" | cut -d. -f1)), replicated pair of profiles/FerroMQ_HA_rpl on this machine ($(grep -E '^replication[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), ping_interval $(grep -E '^ping_interval' "$d/HAPrimary/fmq.toml" | grep -Eo '[0-9]+') ms), load sent to the ACTIVE ($role), $stores"
+}
+store_fs() { # dir -> "DEVICE (FSTYPE)", with a warning for tmpfs
+    local src fstype
+    read -r src fstype < <(df --output=source,fstype "$1" | tail -n 1)
+    if [[ $fstype == tmpfs ]]; then
+        echo "$src ($fstype, in memory: not durable)"
+    else
+        echo "$src ($fstype)"
+    fi
 }
 stop_ferromq_rpl() { # after a failed start
     local n
@@ -407,7 +448,8 @@ rpl_before_run() { # restart a server that died (others share this machine), wai
             prof=HAPrimary; [[ $i == 1 ]] && prof=HASecondary
             log "WARNING: replicated $prof (pid ${PIDOF[ferromq-rpl$i]}) is gone (killed from outside?); restarting it"
             RPL_EVENTS+=("$(date -u +%H:%M:%S) $prof pid ${PIDOF[ferromq-rpl$i]} found dead before a run; restarted")
-            start_child "ferromq-rpl$i" "$RUN/ferromq-rpl/$prof/run/fmq.restart.$SECONDS.out" "$FMQ_BIN" -profile "$RUN/ferromq-rpl/$prof"
+            start_child "ferromq-rpl$i" "$RUN/ferromq-rpl/$prof/run/fmq.restart.$SECONDS.out" "$FMQ_BIN" -profile "$RUN/ferromq-rpl/$prof" \
+                ${RPL_STORES[$i]:+-dbPath "${RPL_STORES[$i]}/db"}
         fi
     done
     rpl_wait_pair 90 || return 1

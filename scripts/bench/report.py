@@ -195,7 +195,7 @@ def main():
     if rpl:
         w("- FerroMQ replicated (sync): the HAPrimary/HASecondary pair of `profiles/FerroMQ_HA_rpl` "
           "(copies with free ports and fresh stores) and its `fmq gateway`, all on this machine; each "
-          "server has its own store on the same disk. With `replication = \"sync\"` a RECEIPT for a "
+          "server has its own store (where: see its version line above). With `replication = \"sync\"` a RECEIPT for a "
           "persistent SEND is sent only once the passive has the batch on its disk too. The load goes to "
           "the ACTIVE server; a run counts only if the pair was ACTIVE/PASSIVE, with the same processes "
           "and no state change, from before it to after it (`fmq status`).")
