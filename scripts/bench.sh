@@ -373,19 +373,19 @@ start_ferromq_rpl() {
     PIDOF[ferromq-rpl]=${PIDOF[ferromq-rpl$RPL_ACTIVE_IDX]}
     local role=HAPrimary; [[ $RPL_ACTIVE_IDX == 1 ]] && role=HASecondary
     if [[ ${#RPL_STORES[@]} == 2 ]]; then
-        stores="stores: HAPrimary's on $(store_fs "${RPL_STORES[0]}"), HASecondary's on $(store_fs "${RPL_STORES[1]}") (--rpl-db)"
+        stores="stores (--rpl-db): HAPrimary's on $(store_fs "${RPL_STORES[0]}"); HASecondary's on $(store_fs "${RPL_STORES[1]}")"
     else
         stores="both stores on the same disk ($(store_fs "$d"))"
     fi
     VERSION[ferromq-rpl]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build of $(stat -c %y "$FMQ_BIN" | cut -d. -f1)), replicated pair of profiles/FerroMQ_HA_rpl on this machine ($(grep -E '^replication[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), ping_interval $(grep -E '^ping_interval' "$d/HAPrimary/fmq.toml" | grep -Eo '[0-9]+') ms), load sent to the ACTIVE ($role), $stores"
 }
-store_fs() { # dir -> "DEVICE (FSTYPE)", with a warning for tmpfs
+store_fs() { # dir -> "DEVICE, FSTYPE", or "tmpfs, in memory: not durable"
     local src fstype
     read -r src fstype < <(df --output=source,fstype "$1" | tail -n 1)
     if [[ $fstype == tmpfs ]]; then
-        echo "$src ($fstype, in memory: not durable)"
+        echo "tmpfs, in memory: not durable"
     else
-        echo "$src ($fstype)"
+        echo "$src, $fstype"
     fi
 }
 stop_ferromq_rpl() { # after a failed start
