@@ -77,8 +77,6 @@ while [[ $# -gt 0 ]]; do
         *) echo "bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
 done
-
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 RPL_DB_DIRS=()
 if [[ -n "$RPL_DB" ]]; then
     IFS=, read -r -a RPL_DB_DIRS <<<"$RPL_DB"
@@ -87,6 +85,8 @@ if [[ -n "$RPL_DB" ]]; then
         [[ -d "$dir" && -w "$dir" ]] || { echo "bench.sh: --rpl-db: '$dir' is not a writable directory" >&2; exit 2; }
     done
 fi
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 # shellcheck source=scripts/bench/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench/common.sh"
@@ -348,8 +348,7 @@ rpl_wait_pair() { # seconds: until one server is ACTIVE and the other PASSIVE; s
     done
 }
 start_ferromq_rpl() {
-    local d="$RUN/ferromq-rpl" src="$ROOT/profiles/FerroMQ_HA_rpl" ports p0 p1 a0 a1 g i prof stores
-    local -a db=()
+    local d="$RUN/ferromq-rpl" src="$ROOT/profiles/FerroMQ_HA_rpl" ports p0 p1 a0 a1 g i stores
     [[ -f "$src/HAPrimary/fmq.toml" && -f "$src/HASecondary/fmq.toml" ]] || { log "profiles/FerroMQ_HA_rpl missing"; return 1; }
     ports=$(fmq_pair_profiles "$src" "$d") || return 1
     read -r p0 p1 a0 a1 g <<<"$ports"
@@ -358,26 +357,33 @@ start_ferromq_rpl() {
     start_child ferromq-rpl-gw "$d/run/gateway.out" "$FMQ_BIN" gateway --listen "127.0.0.1:$g"
     wait_port "replicated pair gateway" "${PIDOF[ferromq-rpl-gw]}" "$g" 10 "$d/run/gateway.out" || return 1
     for i in 0 1; do
-        prof=HAPrimary; [[ $i == 1 ]] && prof=HASecondary
         if [[ ${#RPL_DB_DIRS[@]} == 2 ]]; then
-            RPL_STORES+=("$(mktemp -d "${RPL_DB_DIRS[$i]}/fmq-bench-$prof.XXXXXX")") || return 1
-            db=(-dbPath "${RPL_STORES[-1]}/db")
-        else
-            db=()
+            RPL_STORES[i]=$(mktemp -d "${RPL_DB_DIRS[$i]}/fmq-bench-$(rpl_profile "$i").XXXXXX") || return 1
         fi
-        start_child "ferromq-rpl$i" "$d/$prof/run/fmq.out" "$FMQ_BIN" -profile "$d/$prof" "${db[@]}"
-        wait_port "replicated $prof" "${PIDOF[ferromq-rpl$i]}" "${RPL_ADMIN[$i]}" 60 "$d/$prof/run/fmq.out" || return 1
+        rpl_start_server "$i" fmq.out
+        wait_port "replicated $(rpl_profile "$i")" "${PIDOF[ferromq-rpl$i]}" "${RPL_ADMIN[$i]}" 60 \
+            "$d/$(rpl_profile "$i")/run/fmq.out" || return 1
     done
     rpl_wait_pair 90 || return 1
     PORT[ferromq-rpl]=${RPL_PORT[$RPL_ACTIVE_IDX]}; LOGIN[ferromq-rpl]="admin"; PASS[ferromq-rpl]="passwd"; VHOST[ferromq-rpl]=127.0.0.1
     PIDOF[ferromq-rpl]=${PIDOF[ferromq-rpl$RPL_ACTIVE_IDX]}
-    local role=HAPrimary; [[ $RPL_ACTIVE_IDX == 1 ]] && role=HASecondary
+    local role; role=$(rpl_profile "$RPL_ACTIVE_IDX")
     if [[ ${#RPL_STORES[@]} == 2 ]]; then
         stores="stores (--rpl-db): HAPrimary's on $(store_fs "${RPL_STORES[0]}"); HASecondary's on $(store_fs "${RPL_STORES[1]}")"
     else
         stores="both stores on the same disk ($(store_fs "$d"))"
     fi
     VERSION[ferromq-rpl]="FerroMQ $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo '?') (release build of $(stat -c %y "$FMQ_BIN" | cut -d. -f1)), replicated pair of profiles/FerroMQ_HA_rpl on this machine ($(grep -E '^replication[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), store $(grep -E '^[[:space:]]*sync[[:space:]]*=' "$d/HAPrimary/fmq.toml" | head -n1 | tr -s ' '), ping_interval $(grep -E '^ping_interval' "$d/HAPrimary/fmq.toml" | grep -Eo '[0-9]+') ms), load sent to the ACTIVE ($role), $stores"
+}
+rpl_profile() { # server index (0, 1) -> its profile name
+    if [[ $1 == 0 ]]; then echo HAPrimary; else echo HASecondary; fi
+}
+rpl_start_server() { # server index, log file name: starts that server of the pair
+    # on its profile copy, with its --rpl-db store if there is one
+    local prof
+    prof=$(rpl_profile "$1")
+    start_child "ferromq-rpl$1" "$RUN/ferromq-rpl/$prof/run/$2" "$FMQ_BIN" -profile "$RUN/ferromq-rpl/$prof" \
+        ${RPL_STORES[$1]:+-dbPath "${RPL_STORES[$1]}/db"}
 }
 store_fs() { # dir -> "DEVICE, FSTYPE", or "tmpfs, in memory: not durable"
     local src fstype
@@ -445,11 +451,10 @@ rpl_before_run() { # restart a server that died (others share this machine), wai
     local i prof old=$RPL_ACTIVE_IDX
     for i in 0 1; do
         if ! kill -0 "${PIDOF[ferromq-rpl$i]}" 2>/dev/null; then
-            prof=HAPrimary; [[ $i == 1 ]] && prof=HASecondary
+            prof=$(rpl_profile "$i")
             log "WARNING: replicated $prof (pid ${PIDOF[ferromq-rpl$i]}) is gone (killed from outside?); restarting it"
             RPL_EVENTS+=("$(date -u +%H:%M:%S) $prof pid ${PIDOF[ferromq-rpl$i]} found dead before a run; restarted")
-            start_child "ferromq-rpl$i" "$RUN/ferromq-rpl/$prof/run/fmq.restart.$SECONDS.out" "$FMQ_BIN" -profile "$RUN/ferromq-rpl/$prof" \
-                ${RPL_STORES[$i]:+-dbPath "${RPL_STORES[$i]}/db"}
+            rpl_start_server "$i" "fmq.restart.$SECONDS.out"
         fi
     done
     rpl_wait_pair 90 || return 1
@@ -596,7 +601,7 @@ fi
     echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo "os=$(. /etc/os-release && echo "$PRETTY_NAME")"
     echo "java=$(java -version 2>&1 | head -n1)"
-    echo "fs=$(df -hT "$RUN" | awk 'NR==2 {print $1" "$2}')"
+    echo "fs=$(store_fs "$RUN")"
     echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
 } >"$RUN/meta.txt"
 mkdir -p "$(dirname "$OUT")"
