@@ -19,6 +19,12 @@
 //!   applies batches in sequence order (pipelined: many commits in flight,
 //!   each acked once durable) and reports when it has caught up.
 //!
+//! Both sides commit with [`Store::commit_as`], under the number the
+//! active gave the batch: a store that would number it otherwise (because
+//! something wrote to it around the stream) refuses it before writing, so a
+//! batch is never stored under another number on one server than on the
+//! other.
+//!
 //! # Wire
 //!
 //! Frames on a [`ReplicationStream`](crate::heartbeat::ReplicationStream)
@@ -39,7 +45,7 @@ use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::lock::now_ms;
 
@@ -371,6 +377,10 @@ pub struct Feed {
     /// so a commit either sees an ack or is released by it.
     confirm: Mutex<Confirm>,
     epoch: u64,
+    /// Set when a batch could not be stored under the number the feed gave
+    /// it: the local store and the feed no longer agree, so every later
+    /// commit fails with this reason.
+    broken: std::sync::OnceLock<String>,
 }
 
 #[derive(Debug, Default)]
@@ -444,6 +454,7 @@ impl Feed {
                 waiters: VecDeque::new(),
             }),
             epoch,
+            broken: std::sync::OnceLock::new(),
         })
     }
 
@@ -466,6 +477,15 @@ impl Feed {
     pub fn fence(&self) {
         lock(&self.confirm).update(|a| a.fenced = true);
         self.notify.notify_waiters();
+    }
+
+    /// Fences the feed for good: batch numbering between it and the local
+    /// store broke, so nothing more may be committed through it.
+    fn break_numbering(&self, reason: String) {
+        if self.broken.set(reason.clone()).is_ok() {
+            error!("{reason}; this server refuses every further write until it restarts");
+        }
+        self.fence();
     }
 
     fn ack(&self, sequence: u64) {
@@ -578,29 +598,53 @@ impl ReplicatedStore {
     }
 }
 
-impl Store for ReplicatedStore {
-    fn commit(&self, batch: Batch) -> Commit {
+impl ReplicatedStore {
+    /// Numbers `batch`, hands it to the feed and the local store, and joins
+    /// the two outcomes; `wanted` is [`Store::commit_as`]'s sequence.
+    fn submit(&self, batch: Batch, wanted: Option<u64>) -> Commit {
+        if let Some(reason) = self.feed.broken.get() {
+            return Commit::ready(Err(fmq_store::Error::Poisoned(reason.clone())));
+        }
         let bytes = Bytes::from(batch.encode());
         let (sequence, local, confirmation) = {
             let mut ring = lock(&self.feed.ring);
             let sequence = ring.next;
+            if let Some(wanted) = wanted.filter(|w| *w != sequence) {
+                return Commit::ready(Err(fmq_store::Error::OutOfOrder {
+                    wanted,
+                    next: sequence,
+                }));
+            }
+            // Under the lock: the inner store numbers batches in call
+            // order, so it gives this one `sequence` too (or refuses it
+            // unwritten if a write around this store took that number),
+            // and the waiters queue stays in sequence order.
+            let local = self.inner.commit_as(batch, sequence);
             ring.next += 1;
             self.feed.push(sequence, bytes, &mut ring);
-            // Under the lock: the inner store numbers batches in call
-            // order, so it gives this one `sequence` too, and the waiters
-            // queue stays in sequence order.
-            let local = self.inner.commit(batch);
             (sequence, local, self.feed.confirmation(sequence))
         };
         self.feed.notify.notify_waiters();
         // No task per commit: the batch is already on its way to the local
         // store and the passive; this only joins the two outcomes.
+        let feed = self.feed.clone();
         Commit::from_future(async move {
-            let stored = local.await?;
-            if stored != sequence {
-                return Err(fmq_store::Error::Corrupt(format!(
-                    "replicated store: batch numbered {sequence} was stored as {stored}"
-                )));
+            // Something wrote to the local store around this one: the feed
+            // has shipped a batch the store does not hold under its number.
+            let mismatch = match local.await {
+                Ok(stored) if stored == sequence => None,
+                Ok(stored) => Some(format!("the local store numbered it {stored}")),
+                Err(fmq_store::Error::OutOfOrder { next, .. }) => Some(format!(
+                    "the local store refused it, its next sequence being {next}"
+                )),
+                Err(e) => return Err(e),
+            };
+            if let Some(what) = mismatch {
+                let reason = format!(
+                    "replicated store: batch {sequence} was shipped to the passive server, but {what}"
+                );
+                feed.break_numbering(reason.clone());
+                return Err(fmq_store::Error::Poisoned(reason));
             }
             if confirmation.wait().await {
                 Ok(sequence)
@@ -610,6 +654,16 @@ impl Store for ReplicatedStore {
                 )))
             }
         })
+    }
+}
+
+impl Store for ReplicatedStore {
+    fn commit(&self, batch: Batch) -> Commit {
+        self.submit(batch, None)
+    }
+
+    fn commit_as(&self, batch: Batch, sequence: u64) -> Commit {
+        self.submit(batch, Some(sequence))
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> fmq_store::Result<Option<Vec<u8>>> {
@@ -1138,8 +1192,12 @@ async fn follow_inner(
                         // fsynced here before the ack, and a batch it only
                         // wrote (an unreceipted ACK) is only written here, and
                         // made durable by the next synced one, as there.
+                        // Numbered as the active numbered it, so a write that
+                        // took its place (a stream that ended but whose
+                        // batches were still on their way, say) gets it
+                        // refused unwritten rather than stored one further on.
                         let batch = Batch::decode(&bytes).map_err(|e| format!("batch {sequence}: {e}"))?;
-                        in_flight.push_back(store.commit(batch));
+                        in_flight.push_back(store.commit_as(batch, sequence));
                         expected += 1;
                     }
                     Frame::InSync { sequence } => {
@@ -1372,6 +1430,44 @@ mod tests {
         let c = feed.confirmation(11);
         feed.set_required(false);
         assert_eq!(now_or_never(c), Some(true));
+    }
+
+    fn put(key: &str) -> Batch {
+        let mut b = Batch::new();
+        b.put(Cf::Messages, key, "v");
+        b
+    }
+
+    #[tokio::test]
+    async fn a_write_around_the_replicated_store_stops_every_later_commit() {
+        let inner = Arc::new(fmq_store::MemoryStore::with_log(100));
+        let feed = Feed::new(0, 1);
+        let store = ReplicatedStore::new(inner.clone(), feed.clone());
+        assert_eq!(store.commit(put("a")).await.expect("commit a"), 1);
+        // The number the feed holds is checked before the local store's.
+        assert!(matches!(
+            store.commit_as(put("x"), 5).await,
+            Err(fmq_store::Error::OutOfOrder { wanted: 5, next: 2 })
+        ));
+        assert_eq!(store.commit_as(put("b"), 2).await.expect("commit b"), 2);
+        // A write straight to the local store takes batch 3's place.
+        assert_eq!(inner.commit(put("around")).await.expect("around"), 3);
+        let Err(fmq_store::Error::Poisoned(reason)) = store.commit(put("c")).await else {
+            panic!("batch 3 was not refused");
+        };
+        assert!(
+            reason.contains("batch 3 was shipped")
+                && reason.contains("refused it, its next sequence being 4"),
+            "{reason}"
+        );
+        assert_eq!(inner.get(Cf::Messages, b"c").expect("get"), None);
+        assert!(feed.acks().fenced);
+        // Nothing more goes through, though the numbers line up again.
+        assert!(matches!(
+            store.commit(put("d")).await,
+            Err(fmq_store::Error::Poisoned(r)) if r == reason
+        ));
+        assert_eq!(inner.last_sequence(), 3);
     }
 
     #[test]

@@ -853,6 +853,74 @@ async fn gaps_and_reordered_batches_end_replication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_place_a_stale_stream_took_is_refused_unwritten() {
+    // The active's history 1..=1000; the passive has 1..=400 of it.
+    let inner = MemoryStore::with_log(LOG);
+    fill(&inner, 1, 1000, "a", Some((1, "Primary#1"))).await;
+    let active = Active::new(inner, 1, false);
+    let passive = MemoryStore::with_log(LOG);
+    fill(&passive, 1, 400, "a", Some((1, "Primary#1"))).await;
+    let replica = MemReplica::new(passive, false);
+    let shipped_as = |sequence: u64| {
+        let logged = active.inner.read_log(sequence, 1, usize::MAX).unwrap();
+        Frame::Batch {
+            epoch: 1,
+            sequence,
+            bytes: Bytes::from(logged[0].bytes.clone()),
+        }
+    };
+
+    // A stream subscribes at 400. Once it has started, batch 401 lands in
+    // the store from elsewhere, as a stream given up a moment before still
+    // handing over what it had read; then this stream's 401 and 402 come.
+    let (mut wire, passive_end) = wires().await;
+    let (tx, _events) = mpsc::channel(64);
+    let r: Arc<dyn Replica> = replica.clone();
+    let follow = tokio::spawn(replication::follow(passive_end, r, tx));
+    let subscribe = tokio::time::timeout(WAIT, wire.next())
+        .await
+        .expect("no Subscribe")
+        .expect("closed before Subscribe")
+        .expect("read");
+    assert!(matches!(
+        Frame::decode(subscribe.freeze()).unwrap(),
+        Frame::Subscribe { position, .. } if position.sequence == 400
+    ));
+    wire.send(start(1).encode()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stale = active.inner.read_log(401, 1, usize::MAX).unwrap();
+    let stale = Batch::decode(&stale[0].bytes).unwrap();
+    assert_eq!(replica.store().commit(stale).await.unwrap(), 401);
+    for s in [401, 402] {
+        wire.send(shipped_as(s).encode()).await.unwrap();
+    }
+    let reason = ended(follow, "follow").await;
+    assert!(
+        reason.contains("applying replicated batch 401")
+            && reason.contains("must be stored as sequence 401")
+            && reason.contains("next sequence is 402"),
+        "{reason}"
+    );
+    drop(wire);
+    // Batch 401 is in the store once, at 401: nothing was stored one
+    // further on, which would have put every later batch out of place.
+    assert_eq!(replica.store().last_sequence(), 401);
+    assert_eq!(
+        log_ops(&*replica.store(), 1),
+        log_ops(&*active.inner, 1)[..401].to_vec()
+    );
+
+    // The next subscription starts after it, and ends equal to the active,
+    // batch by batch.
+    let mut link = connect(&active, &replica).await;
+    event(&mut link.sink_events, "SinkEvent::InSync", is_insync).await;
+    assert_same(&*active.inner, &*replica.store());
+    assert_eq!(log_ops(&*replica.store(), 1), log_ops(&*active.inner, 1));
+    link.follow.abort();
+    ended(link.serve, "serve").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_from_the_active_ends_replication() {
     let cases: [(Vec<Frame>, &str); 4] = [
         (

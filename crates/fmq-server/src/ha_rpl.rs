@@ -355,7 +355,7 @@ pub async fn run(
                     }
                     Action::StartBroker => {
                         if let Some(t) = sink_task.take() {
-                            t.abort();
+                            stop_sink(t).await;
                         }
                         events.push_back(
                             match start_serving(profile, &replica, machine.epoch(), &owner).await {
@@ -382,7 +382,7 @@ pub async fn run(
                     Action::StartSink => {
                         generation += 1;
                         if let Some(t) = sink_task.take() {
-                            t.abort();
+                            stop_sink(t).await;
                         }
                         catch_up = None;
                         replica.pause_log(true);
@@ -396,7 +396,7 @@ pub async fn run(
                     }
                     Action::StopSink => {
                         if let Some(t) = sink_task.take() {
-                            t.abort();
+                            stop_sink(t).await;
                         }
                     }
                     Action::RequireSync(on) => {
@@ -535,7 +535,7 @@ pub async fn run(
     let _ = broker_tx.send(None);
     acceptor.abort();
     if let Some(t) = sink_task.take() {
-        t.abort();
+        stop_sink(t).await;
     }
     if let Some(s) = serving.take() {
         // Let the passive take the last batches before we stop.
@@ -651,6 +651,19 @@ fn spawn_source(
     })
 }
 
+/// Stops a catch-up task and waits until it is gone. `abort` alone is not
+/// enough: the task may be inside a poll on another worker thread, handing
+/// the store batches of the stream being given up, and a new subscription
+/// that read the store's position before they land would then be sent the
+/// same batches again (or the broker would start on a store still being
+/// written). Once the task is gone, whatever it handed over is in the
+/// store's queue, which [`replication::follow`] and the broker's start wait
+/// for.
+async fn stop_sink(task: JoinHandle<()>) {
+    task.abort();
+    let _ = task.await;
+}
+
 fn spawn_sink(
     ha: HaConfig,
     server_name: String,
@@ -659,25 +672,47 @@ fn spawn_sink(
     generation: u64,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let reason = match heartbeat::dial_replication(&ha, &server_name).await {
-            Ok(stream) => {
-                let (tx, mut rx) = mpsc::channel(8);
-                let forward = {
-                    let notes = notes.clone();
-                    tokio::spawn(async move {
-                        while let Some(event) = rx.recv().await {
-                            let _ = notes.send(Note::Sink { generation, event }).await;
-                        }
-                    })
-                };
-                let reason = replication::follow(stream.framed, replica, tx).await;
-                let _ = forward.await;
-                reason
-            }
-            Err(e) => format!("cannot open the replication connection: {e}"),
+        // A stopped catch-up may have left a checkpoint install running on a
+        // blocking thread; follow the active only once the store is back.
+        // The handle is dropped at once: a checkpoint this stream installs
+        // must be able to close the store.
+        let opened = replica
+            .rocks_when_open(Duration::from_secs(60))
+            .await
+            .map(drop);
+        let reason = match opened {
+            Err(e) => format!("{e:#}"),
+            Ok(()) => follow_active(&ha, &server_name, replica, &notes, generation).await,
         };
         let _ = notes.send(Note::SinkEnded { generation, reason }).await;
     })
+}
+
+/// Dials the active and follows it until the stream ends; returns why.
+async fn follow_active(
+    ha: &HaConfig,
+    server_name: &str,
+    replica: Arc<LocalReplica>,
+    notes: &mpsc::Sender<Note>,
+    generation: u64,
+) -> String {
+    match heartbeat::dial_replication(ha, server_name).await {
+        Ok(stream) => {
+            let (tx, mut rx) = mpsc::channel(8);
+            let forward = {
+                let notes = notes.clone();
+                tokio::spawn(async move {
+                    while let Some(event) = rx.recv().await {
+                        let _ = notes.send(Note::Sink { generation, event }).await;
+                    }
+                })
+            };
+            let reason = replication::follow(stream.framed, replica, tx).await;
+            let _ = forward.await;
+            reason
+        }
+        Err(e) => format!("cannot open the replication connection: {e}"),
+    }
 }
 
 fn clean_staging(replica: &LocalReplica) {

@@ -317,6 +317,28 @@ impl RocksStore {
     pub fn path(&self) -> &Path {
         &self.shared.path
     }
+
+    /// Queues `batch` for the writer thread, which checks `wanted` (see
+    /// [`Store::commit_as`]).
+    fn submit(&self, batch: Batch, wanted: Option<u64>) -> Commit {
+        if let Err(err) = self.shared.check_poisoned() {
+            return Commit::ready(Err(err));
+        }
+        let Some(requests) = &self.requests else {
+            return Commit::ready(Err(Error::Closed));
+        };
+        let (done, commit) = Commit::pending();
+        let request = Request::Commit(CommitRequest {
+            batch,
+            wanted,
+            done,
+        });
+        if let Err(mpsc::SendError(Request::Commit(request))) = requests.send(request) {
+            // The writer thread is gone (it can only have panicked).
+            request.done.send(Err(Error::Closed));
+        }
+        commit
+    }
 }
 
 /// Creates or opens `DIR/fmq.lock` and takes an exclusive lock on it. The
@@ -369,19 +391,11 @@ fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
 
 impl Store for RocksStore {
     fn commit(&self, batch: Batch) -> Commit {
-        if let Err(err) = self.shared.check_poisoned() {
-            return Commit::ready(Err(err));
-        }
-        let Some(requests) = &self.requests else {
-            return Commit::ready(Err(Error::Closed));
-        };
-        let (done, commit) = Commit::pending();
-        let request = Request::Commit(CommitRequest { batch, done });
-        if let Err(mpsc::SendError(Request::Commit(request))) = requests.send(request) {
-            // The writer thread is gone (it can only have panicked).
-            request.done.send(Err(Error::Closed));
-        }
-        commit
+        self.submit(batch, None)
+    }
+
+    fn commit_as(&self, batch: Batch, sequence: u64) -> Commit {
+        self.submit(batch, Some(sequence))
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {

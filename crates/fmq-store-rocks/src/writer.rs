@@ -10,7 +10,9 @@
 //!
 //! A single thread also gives the ordering guarantee for free: requests are
 //! applied in channel order, which is the order of the `commit` calls, and
-//! sequence numbers are handed out by the only code that writes.
+//! sequence numbers are handed out by the only code that writes. That is
+//! also where a batch committed with `commit_as` is checked against the
+//! number it must get, before it joins a group.
 //!
 //! The same thread keeps the batch log ([`Cf::Log`]): each batch's encoded
 //! bytes go into the group's `WriteBatch` under its sequence, and pruning
@@ -43,7 +45,27 @@ pub(crate) enum Request {
 /// A batch waiting for the writer, with the sender that resolves its commit.
 pub(crate) struct CommitRequest {
     pub(crate) batch: Batch,
+    /// The sequence the batch must get ([`Store::commit_as`]), if any.
+    ///
+    /// [`Store::commit_as`]: fmq_store::Store::commit_as
+    pub(crate) wanted: Option<u64>,
     pub(crate) done: CommitSender,
+}
+
+impl CommitRequest {
+    /// The request, if it may be written as sequence `next`. One that must
+    /// have another sequence is failed here, before anything of it is
+    /// written: the writer is the only place that knows which number a
+    /// batch gets.
+    fn admit(self, next: u64) -> Option<CommitRequest> {
+        match self.wanted {
+            Some(wanted) if wanted != next => {
+                self.done.send(Err(Error::OutOfOrder { wanted, next }));
+                None
+            }
+            _ => Some(self),
+        }
+    }
 }
 
 /// Where to write a checkpoint, and where to send its sequence.
@@ -101,7 +123,10 @@ impl Writer {
                 },
             };
             let first = match first {
-                Request::Commit(request) => request,
+                Request::Commit(request) => match request.admit(self.last_sequence + 1) {
+                    Some(request) => request,
+                    None => continue,
+                },
                 Request::Checkpoint(request) => {
                     self.checkpoint(&request);
                     continue;
@@ -121,8 +146,11 @@ impl Writer {
                             carried = Some(Request::Commit(request));
                             break;
                         }
-                        bytes += size;
-                        group.push(request);
+                        let next = self.last_sequence + 1 + group.len() as u64;
+                        if let Some(request) = request.admit(next) {
+                            bytes += size;
+                            group.push(request);
+                        }
                     }
                     Ok(request @ (Request::Checkpoint(_) | Request::Settled(_))) => {
                         carried = Some(request);

@@ -495,3 +495,64 @@ fn settled_waits_for_every_commit_queued_before_it() {
         501
     );
 }
+
+/// A batch that no history here holds: its key must never show up.
+fn stray() -> Batch {
+    let mut batch = Batch::new();
+    batch.put(Cf::Messages, "stray", "written out of place");
+    batch.set_sync(true);
+    batch
+}
+
+#[test]
+fn commit_as_refuses_a_batch_out_of_place_before_writing_it() {
+    // Each commit awaited alone (a group of one), and all queued at once
+    // (the refused batches fall inside groups).
+    for queued in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), 100);
+        let runtime = runtime();
+        let expected: Vec<Result<u64, (u64, u64)>> =
+            vec![Ok(1), Ok(2), Err((2, 3)), Ok(3), Err((9, 4)), Ok(4)];
+        let make = |i: usize| match i {
+            0 => store.commit(numbered(1)),
+            1 => store.commit_as(numbered(2), 2),
+            // A second writer with the number already taken.
+            2 => store.commit_as(stray(), 2),
+            3 => store.commit_as(numbered(3), 3),
+            // One that would leave a gap.
+            4 => store.commit_as(stray(), 9),
+            _ => store.commit(numbered(4)),
+        };
+        let results: Vec<_> = if queued {
+            let commits: Vec<_> = (0..expected.len()).map(make).collect();
+            commits.into_iter().map(|c| runtime.block_on(c)).collect()
+        } else {
+            (0..expected.len())
+                .map(|i| runtime.block_on(make(i)))
+                .collect()
+        };
+        for (i, (got, want)) in results.iter().zip(&expected).enumerate() {
+            match (got, want) {
+                (Ok(s), Ok(w)) => assert_eq!(s, w, "commit {i} (queued {queued})"),
+                (Err(Error::OutOfOrder { wanted, next }), Err((w, n))) => {
+                    assert_eq!((wanted, next), (w, n), "commit {i} (queued {queued})");
+                }
+                _ => panic!("commit {i} (queued {queued}): got {got:?}, want {want:?}"),
+            }
+        }
+        let check = |store: &RocksStore| {
+            assert_eq!(store.last_sequence(), 4);
+            assert_eq!(store.get(Cf::Messages, b"stray").expect("get"), None);
+            let logged = store.read_log(1, 100, usize::MAX).expect("read log");
+            assert_eq!(sequences(&logged), [1, 2, 3, 4]);
+            for (n, b) in (1..).zip(&logged) {
+                assert_eq!(b.bytes, numbered(n).encode(), "logged batch {n}");
+            }
+            assert_eq!(data(store), data(&replay(&logged)));
+        };
+        check(&store);
+        drop(store);
+        check(&open(dir.path(), 100));
+    }
+}

@@ -28,6 +28,16 @@ pub enum Error {
         /// sequence + 1 when the log is empty).
         first: u64,
     },
+    /// A batch committed with [`Store::commit_as`] would have been stored
+    /// under another sequence than the one it must have. Nothing of it was
+    /// written.
+    #[error("batch refused: it must be stored as sequence {wanted}, but the store's next sequence is {next}; nothing was written")]
+    OutOfOrder {
+        /// The sequence the batch must have.
+        wanted: u64,
+        /// The sequence the store would have given it.
+        next: u64,
+    },
     /// The store has been closed.
     #[error("store is closed")]
     Closed,

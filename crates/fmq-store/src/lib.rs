@@ -42,7 +42,10 @@ pub const META_SEQUENCE: &[u8] = b"sequence";
 /// A key-value store with atomic, ordered, group-committed batches.
 ///
 /// Implementations must:
-/// - apply batches in the order `commit` was called, each atomically;
+/// - apply batches in the order `commit` (or `commit_as`) was called, each
+///   atomically;
+/// - check a `commit_as` batch's sequence where sequences are handed out,
+///   before anything of it is written;
 /// - give each applied batch the next sequence number and persist it in
 ///   [`Cf::Meta`] under [`META_SEQUENCE`] within the same atomic write;
 /// - resolve the returned [`Commit`] only after the batch (and everything
@@ -57,6 +60,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Queues `batch` for atomic application. The returned future resolves to
     /// the batch's sequence number once it is applied (and synced if asked).
     fn commit(&self, batch: Batch) -> Commit;
+
+    /// Like [`commit`](Store::commit), for a batch that already has its
+    /// number: one replicated from another store, or numbered by a wrapper.
+    /// The batch is applied only if it gets exactly `sequence`; otherwise
+    /// the commit fails with [`Error::OutOfOrder`] and nothing of it is
+    /// written, so a second writer racing the first cannot make the store
+    /// hold a batch under another number than its source gave it.
+    fn commit_as(&self, batch: Batch, sequence: u64) -> Commit;
 
     /// Reads one key.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;

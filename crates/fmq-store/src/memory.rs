@@ -50,6 +50,40 @@ impl MemoryStore {
             }),
         }
     }
+
+    /// Applies `batch` under the next sequence, which must be `wanted` if
+    /// given (else nothing is written).
+    fn apply(&self, batch: Batch, wanted: Option<u64>) -> Commit {
+        let mut inner = self.inner.lock();
+        let seq = inner.sequence + 1;
+        if let Some(wanted) = wanted.filter(|w| *w != seq) {
+            return Commit::ready(Err(Error::OutOfOrder { wanted, next: seq }));
+        }
+        inner.sequence = seq;
+        for op in batch.ops() {
+            match op {
+                Op::Put { cf, key, value } => {
+                    inner
+                        .families
+                        .entry(*cf)
+                        .or_default()
+                        .insert(key.clone(), value.clone());
+                }
+                Op::Delete { cf, key } => {
+                    if let Some(family) = inner.families.get_mut(cf) {
+                        family.remove(key);
+                    }
+                }
+            }
+        }
+        inner
+            .families
+            .entry(Cf::Meta)
+            .or_default()
+            .insert(META_SEQUENCE.to_vec(), encode_sequence(seq).to_vec());
+        inner.log_batch(seq, &batch);
+        Commit::ready(Ok(seq))
+    }
 }
 
 impl Default for MemoryStore {
@@ -79,32 +113,11 @@ impl Inner {
 
 impl Store for MemoryStore {
     fn commit(&self, batch: Batch) -> Commit {
-        let mut inner = self.inner.lock();
-        inner.sequence += 1;
-        let seq = inner.sequence;
-        for op in batch.ops() {
-            match op {
-                Op::Put { cf, key, value } => {
-                    inner
-                        .families
-                        .entry(*cf)
-                        .or_default()
-                        .insert(key.clone(), value.clone());
-                }
-                Op::Delete { cf, key } => {
-                    if let Some(family) = inner.families.get_mut(cf) {
-                        family.remove(key);
-                    }
-                }
-            }
-        }
-        inner
-            .families
-            .entry(Cf::Meta)
-            .or_default()
-            .insert(META_SEQUENCE.to_vec(), encode_sequence(seq).to_vec());
-        inner.log_batch(seq, &batch);
-        Commit::ready(Ok(seq))
+        self.apply(batch, None)
+    }
+
+    fn commit_as(&self, batch: Batch, sequence: u64) -> Commit {
+        self.apply(batch, Some(sequence))
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -221,6 +234,27 @@ mod tests {
             store.get(Cf::Meta, META_SEQUENCE).expect("get"),
             Some(encode_sequence(2).to_vec())
         );
+    }
+
+    #[tokio::test]
+    async fn commit_as_refuses_a_batch_out_of_place_before_writing_it() {
+        let store = MemoryStore::with_log(10);
+        let mut first = Batch::new();
+        first.put(Cf::Messages, b"a".to_vec(), b"1".to_vec());
+        assert_eq!(store.commit_as(first, 1).await.expect("commit_as"), 1);
+        for wanted in [1, 3] {
+            let mut stray = Batch::new();
+            stray.put(Cf::Messages, b"stray".to_vec(), b"x".to_vec());
+            match store.commit_as(stray, wanted).await {
+                Err(Error::OutOfOrder { wanted: w, next }) => assert_eq!((w, next), (wanted, 2)),
+                other => panic!("commit_as(_, {wanted}) gave {other:?}"),
+            }
+        }
+        assert_eq!(store.get(Cf::Messages, b"stray").expect("get"), None);
+        assert_eq!(store.last_sequence(), 1);
+        assert_eq!(store.first_logged(), 1);
+        assert_eq!(store.read_log(2, 10, usize::MAX).expect("read").len(), 0);
+        assert_eq!(store.commit(Batch::new()).await.expect("commit"), 2);
     }
 
     #[test]
