@@ -581,18 +581,15 @@ async fn start_serving(
     let rocks = replica.rocks_when_open(Duration::from_secs(60)).await?;
     replica.pause_log(false);
     let inner: Arc<dyn Store> = rocks.clone();
+    // After whatever a stopped catch-up handed the store: the epoch opens
+    // on top of it, and the broker recovers from it.
+    let start = inner.settled().await? + 1;
     let mut mark = Batch::new();
-    let start = inner.last_sequence() + 1;
     epoch::mark_epoch(&mut mark, epoch_no, start, owner);
     mark.set_sync(true);
-    let got = inner.commit(mark).await?;
-    if got != start {
-        return Err(anyhow!(
-            "epoch mark stored as batch {got}, expected {start}"
-        ));
-    }
+    inner.commit_as(mark, start).await?;
     tracing::info!(epoch = epoch_no, sequence = start, "new epoch opened");
-    let feed = Feed::new(inner.last_sequence(), epoch_no);
+    let feed = Feed::new(start, epoch_no);
     let store: Arc<dyn Store> = Arc::new(ReplicatedStore::new(inner.clone(), feed.clone()));
     let broker = start_broker_on(profile, store).await?;
     let scratch = replica.parent();
