@@ -562,16 +562,7 @@ async fn against_fake_active(
     replica: &Arc<MemReplica>,
     frames: Vec<Frame>,
 ) -> (Frame, String, Vec<Frame>) {
-    let (mut active, passive) = wires().await;
-    let (tx, _events) = mpsc::channel(64);
-    let r: Arc<dyn Replica> = replica.clone();
-    let follow = tokio::spawn(replication::follow(passive, r, tx));
-    let first = tokio::time::timeout(WAIT, active.next())
-        .await
-        .expect("no Subscribe")
-        .expect("closed before Subscribe")
-        .expect("read");
-    let subscribe = Frame::decode(first.freeze()).expect("decode Subscribe");
+    let (mut active, follow, subscribe) = fake_active(replica).await;
     for f in frames {
         if active.send(f.encode()).await.is_err() {
             break;
@@ -586,6 +577,22 @@ async fn against_fake_active(
         replies.push(Frame::decode(b.freeze()).expect("decode reply"));
     }
     (subscribe, reason, replies)
+}
+
+/// Starts `follow` for `replica` on a connection whose active end the test
+/// drives: returns that end, the task, and the Subscribe it sent.
+async fn fake_active(replica: &Arc<MemReplica>) -> (Wire, JoinHandle<String>, Frame) {
+    let (mut active, passive) = wires().await;
+    let (tx, _events) = mpsc::channel(64);
+    let r: Arc<dyn Replica> = replica.clone();
+    let follow = tokio::spawn(replication::follow(passive, r, tx));
+    let first = tokio::time::timeout(WAIT, active.next())
+        .await
+        .expect("no Subscribe")
+        .expect("closed before Subscribe")
+        .expect("read");
+    let subscribe = Frame::decode(first.freeze()).expect("decode Subscribe");
+    (active, follow, subscribe)
 }
 
 fn start(epoch: u64) -> Frame {
@@ -873,17 +880,9 @@ async fn a_batch_whose_place_a_stale_stream_took_is_refused_unwritten() {
     // A stream subscribes at 400. Once it has started, batch 401 lands in
     // the store from elsewhere, as a stream given up a moment before still
     // handing over what it had read; then this stream's 401 and 402 come.
-    let (mut wire, passive_end) = wires().await;
-    let (tx, _events) = mpsc::channel(64);
-    let r: Arc<dyn Replica> = replica.clone();
-    let follow = tokio::spawn(replication::follow(passive_end, r, tx));
-    let subscribe = tokio::time::timeout(WAIT, wire.next())
-        .await
-        .expect("no Subscribe")
-        .expect("closed before Subscribe")
-        .expect("read");
+    let (mut wire, follow, subscribe) = fake_active(&replica).await;
     assert!(matches!(
-        Frame::decode(subscribe.freeze()).unwrap(),
+        subscribe,
         Frame::Subscribe { position, .. } if position.sequence == 400
     ));
     wire.send(start(1).encode()).await.unwrap();

@@ -625,6 +625,22 @@ async fn stop_serving(s: Serving) {
     tracing::info!("broker stopped; the store stays open for replication");
 }
 
+/// A channel for a replication task's events and the task that forwards
+/// them to the HA loop as `note(event)`; it ends once the sender is dropped.
+fn forward_events<E: Send + 'static>(
+    notes: &mpsc::Sender<Note>,
+    note: impl Fn(E) -> Note + Send + 'static,
+) -> (mpsc::Sender<E>, JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel(8);
+    let notes = notes.clone();
+    let task = tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            let _ = notes.send(note(event)).await;
+        }
+    });
+    (tx, task)
+}
+
 fn spawn_source(
     stream: heartbeat::ReplicationStream,
     source: Arc<Source>,
@@ -633,15 +649,7 @@ fn spawn_source(
 ) -> JoinHandle<()> {
     tracing::info!(peer = %stream.peer.server, "the passive server connected for replication");
     tokio::spawn(async move {
-        let (tx, mut rx) = mpsc::channel(8);
-        let forward = {
-            let notes = notes.clone();
-            tokio::spawn(async move {
-                while let Some(event) = rx.recv().await {
-                    let _ = notes.send(Note::Source { generation, event }).await;
-                }
-            })
-        };
+        let (tx, forward) = forward_events(&notes, move |event| Note::Source { generation, event });
         let reason = replication::serve(stream.framed, source, tx).await;
         let _ = forward.await;
         let _ = notes.send(Note::SourceEnded { generation, reason }).await;
@@ -695,15 +703,8 @@ async fn follow_active(
 ) -> String {
     match heartbeat::dial_replication(ha, server_name).await {
         Ok(stream) => {
-            let (tx, mut rx) = mpsc::channel(8);
-            let forward = {
-                let notes = notes.clone();
-                tokio::spawn(async move {
-                    while let Some(event) = rx.recv().await {
-                        let _ = notes.send(Note::Sink { generation, event }).await;
-                    }
-                })
-            };
+            let (tx, forward) =
+                forward_events(notes, move |event| Note::Sink { generation, event });
             let reason = replication::follow(stream.framed, replica, tx).await;
             let _ = forward.await;
             reason
