@@ -482,11 +482,53 @@ pub fn runs_tail(dir: &Path, name: &str, runs: u32, current: Option<&Proc>) -> S
             },
             _ => " (stopped by the test)".to_owned(),
         };
+        let out = dir.join(format!("{tag}.out"));
         s += &format!(
-            "===== {tag}{now}\n{}\n{}\n",
-            tail_file(&dir.join(format!("{tag}.out")), 40),
+            "===== {tag}{now}\n{}--- last lines ---\n{}\n{}\n",
+            replication_story(&out, 60),
+            tail_file(&out, 40),
             stderr_summary(&dir.join(format!("{tag}.err")))
         );
+    }
+    s
+}
+
+/// What a server's console says of its replication, the last `max` such
+/// lines: each catch-up's plan and why it ended, epochs opened, state
+/// recovered, warnings and errors. A run's tail often starts after the part
+/// that explains a failure.
+pub fn replication_story(path: &Path, max: usize) -> String {
+    const MARKS: [&str; 9] = [
+        "replicating from the active",
+        "replicating to the passive",
+        "Replication from the backup server failed",
+        "replication to the passive server ended",
+        "checkpoint",
+        "new epoch opened",
+        "recovered broker state",
+        " WARN ",
+        " ERROR ",
+    ];
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let story: Vec<&str> = text
+        .lines()
+        .filter(|l| MARKS.iter().any(|m| l.contains(m)))
+        .collect();
+    if story.is_empty() {
+        return String::new();
+    }
+    let skipped = story.len().saturating_sub(max);
+    let mut s = format!(
+        "--- replication, whole run{} ---\n",
+        if skipped > 0 {
+            format!(" (last {max} of {})", story.len())
+        } else {
+            String::new()
+        }
+    );
+    for line in &story[skipped..] {
+        s += line;
+        s.push('\n');
     }
     s
 }
