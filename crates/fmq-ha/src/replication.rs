@@ -1068,7 +1068,7 @@ async fn follow_inner(
     replica: Arc<dyn Replica>,
     events: mpsc::Sender<SinkEvent>,
 ) -> Result<(), String> {
-    let store = replica.store();
+    let mut store = replica.store();
     // Batches an earlier stream handed to the store may still be queued
     // there (its task was dropped, its commits were not): wait for them, or
     // the position sent below would be short of what the store will hold
@@ -1134,19 +1134,11 @@ async fn follow_inner(
             })
             .await;
     }
-    drop(store);
     let (mut tx, mut rx) = wire.split();
-    let mut store = replica.store();
-    if matches!(plan, Plan::Incremental) && store.last_sequence() != position.sequence {
-        // Written by someone else since the position was read: applying
-        // the active's batches on top would store them twice.
-        return Err(format!(
-            "the store moved from sequence {} to {} while subscribing; resubscribing",
-            position.sequence,
-            store.last_sequence()
-        ));
-    }
-    let mut expected = store.last_sequence() + 1;
+    // The active sends what follows the position it was told. A store
+    // written by someone else since then refuses the first batch
+    // (`commit_as`), and the next subscription starts from what it holds.
+    let mut expected = position.sequence + 1;
     let mut max_epoch = position.epoch.max(epoch);
     let mut in_flight: FuturesOrdered<Commit> = FuturesOrdered::new();
     let mut insync_target: Option<u64> = None;
