@@ -250,6 +250,7 @@ impl RocksStore {
             first_logged,
             log_retention = options.log_retention,
             sync = options.sync,
+            recycle_wal_files = options.recycle_wal_files,
             "store opened"
         );
         Ok(RocksStore {

@@ -3,8 +3,8 @@
 //! mid-stream. Every reported batch must be there after reopening.
 //!
 //! The child is this test binary itself, re-executed with a filter that runs
-//! only [`crash_child`] and an environment variable that tells it where the
-//! store is. Without the variable `crash_child` does nothing.
+//! only [`crash_child`] and environment variables that tell it where the
+//! store is and how to open it. Without them `crash_child` does nothing.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -17,16 +17,32 @@ use fmq_store::{Batch, Cf, Op, Store};
 use fmq_store_rocks::{RocksOptions, RocksStore};
 
 const DIR_VAR: &str = "FMQ_CRASH_CHILD_DIR";
+const SMALL_MEMTABLES_VAR: &str = "FMQ_CRASH_CHILD_SMALL_MEMTABLES";
 const KILL_AFTER: usize = 300;
 const WRITERS: u64 = 4;
 const LOG_RETENTION: u64 = 100;
 
 /// The child keeps a batch log, so the crash also tests that the log and
-/// the data recover together.
-fn options() -> RocksOptions {
+/// the data recover together. With `small_memtables` the memtables flush
+/// every few dozen batches, so write-ahead-log files are spent and reused
+/// (`recycle_wal_files`) long before the kill: the file being written when
+/// the child dies still holds records of its previous use past the new ones.
+fn options(small_memtables: bool) -> RocksOptions {
+    let defaults = RocksOptions::default();
+    assert!(defaults.recycle_wal_files > 0, "the test expects reuse on");
+    let (write_buffer_bytes, total_write_buffer_bytes) = if small_memtables {
+        (64 * 1024, 256 * 1024)
+    } else {
+        (
+            defaults.write_buffer_bytes,
+            defaults.total_write_buffer_bytes,
+        )
+    };
     RocksOptions {
         log_retention: LOG_RETENTION,
-        ..RocksOptions::default()
+        write_buffer_bytes,
+        total_write_buffer_bytes,
+        ..defaults
     }
 }
 
@@ -42,7 +58,9 @@ fn crash_child() {
     let Some(dir) = std::env::var_os(DIR_VAR) else {
         return;
     };
-    let store = Arc::new(RocksStore::open(Path::new(&dir), options()).expect("child open"));
+    let small_memtables = std::env::var_os(SMALL_MEMTABLES_VAR).is_some();
+    let store =
+        Arc::new(RocksStore::open(Path::new(&dir), options(small_memtables)).expect("child open"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
@@ -77,11 +95,34 @@ fn crash_child() {
 
 #[test]
 fn committed_batches_survive_sigkill() {
+    crash_and_check(false);
+}
+
+/// The same crash while the store writes a reused write-ahead-log file:
+/// recovery must stop where the new records end, and neither lose a
+/// reported batch nor replay one from the file's previous use.
+#[test]
+fn committed_batches_survive_sigkill_in_a_reused_wal_file() {
+    crash_and_check(true);
+}
+
+/// Whether RocksDB's info log says a spent write-ahead-log file was taken
+/// up again (it is flushed every few seconds, so this lags a little).
+fn reused_a_wal_file(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("LOG")).is_ok_and(|log| log.contains("reusing log"))
+}
+
+fn crash_and_check(small_memtables: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-        .env(DIR_VAR, dir.path())
+        .env(DIR_VAR, dir.path());
+    if small_memtables {
+        command.env(SMALL_MEMTABLES_VAR, "1");
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -108,7 +149,16 @@ fn committed_batches_survive_sigkill() {
 
     let mut reported = Vec::new();
     let give_up = Instant::now() + Duration::from_secs(120);
-    while reported.len() < KILL_AFTER {
+    // With small memtables, also until RocksDB has reused a write-ahead-log
+    // file, so the kill lands while reused files are written (the child
+    // keeps filling and reusing them).
+    let mut reused = !small_memtables;
+    let mut looked = Instant::now();
+    while reported.len() < KILL_AFTER || !reused {
+        if !reused && looked.elapsed() >= Duration::from_millis(100) {
+            looked = Instant::now();
+            reused = reused_a_wal_file(dir.path());
+        }
         let left = give_up.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(entry) => reported.push(entry),
@@ -116,8 +166,9 @@ fn committed_batches_survive_sigkill() {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "child stopped reporting after {} commits: {err}",
-                    reported.len()
+                    "child stopped reporting after {} commits ({err}); RocksDB had {}reused a write-ahead-log file",
+                    reported.len(),
+                    if reused { "" } else { "not " }
                 );
             }
         }
@@ -130,7 +181,7 @@ fn committed_batches_survive_sigkill() {
     reader.join().expect("reader thread");
     reported.extend(rx.try_iter());
 
-    let store = RocksStore::open(dir.path(), options()).expect("reopen");
+    let store = RocksStore::open(dir.path(), options(small_memtables)).expect("reopen");
     let last_reported = reported.iter().map(|(s, _)| *s).max().expect("reports");
     println!(
         "child killed after {} reported commits (last sequence {last_reported}); \
