@@ -27,8 +27,9 @@
 # data dir, free loopback ports), then runs three scenarios against the
 # brokers interleaved for R rounds (default 5), the first broker rotating from
 # round to round, with `sync` and an S-second pause (default 2) before every
-# run and an fsync probe before each round (one writer, then two at once, as
-# the pair's two stores write here), and writes docs/benchmarks.md.
+# run and fsync probes before each round (one writer, then two at once where
+# the pair's two stores write; each on a growing file and on a reused one),
+# and writes docs/benchmarks.md.
 # After the rounds (unless --no-strace, or strace is missing) it runs each
 # FerroMQ broker once more, untimed, under `strace -f -c -e fsync,fdatasync`
 # (every server of the pair) and reports the syncs per message.
@@ -525,12 +526,20 @@ for b in "${ACTIVE[@]}"; do
     bench "$b" warmup 0 --messages 2000 --receipt-every 10 || true
 done
 
-echo -e "round\tfsync_median_ms\tfsync_p90_ms\ttwo_writers_median_ms\ttwo_writers_p90_ms" >"$RUN/fsync.tsv"
+# The two-writer probe writes where the pair's two stores are.
+PROBE_PAIR=("$RUN/probe" "$RUN/probe")
+[[ ${#RPL_DB_DIRS[@]} == 2 ]] && PROBE_PAIR=("${RPL_DB_DIRS[0]}/probe" "${RPL_DB_DIRS[1]}/probe")
+echo -e "round\tfsync_median_ms\tfsync_p90_ms\ttwo_writers_median_ms\ttwo_writers_p90_ms\toverwrite_median_ms\toverwrite_p90_ms\ttwo_overwrite_median_ms\ttwo_overwrite_p90_ms" >"$RUN/fsync.tsv"
 T0=$(date +%s)
 for ((r = 1; r <= ROUNDS; r++)); do
-    read -r fmed fp90 fmed2 fp902 < <(fsync_probe "$RUN/probe" 200 1 2)
-    echo -e "$r\t$fmed\t$fp90\t$fmed2\t$fp902" >>"$RUN/fsync.tsv"
-    log "round $r/$ROUNDS: fsync probe median $fmed ms, p90 $fp90 ms; two writers at once: median $fmed2 ms, p90 $fp902 ms"
+    probes=()
+    for mode in append overwrite; do
+        read -r med p90 < <(fsync_probe 200 "$mode" "$RUN/probe")
+        read -r med2 p902 < <(fsync_probe 200 "$mode" "${PROBE_PAIR[@]}")
+        probes+=("$med" "$p90" "$med2" "$p902")
+        log "round $r/$ROUNDS: fsync probe ($mode) median $med ms, p90 $p90 ms; two writers at once: median $med2 ms, p90 $p902 ms"
+    done
+    (IFS=$'\t'; echo "$r${IFS}${probes[*]}") >>"$RUN/fsync.tsv"
     # Rotate which broker goes first, so none always runs right after the
     # same neighbour (whose background disk writes would then always land
     # on it), and let the disk settle before every run.

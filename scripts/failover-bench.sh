@@ -505,7 +505,7 @@ one_run() { # broker run
     fi
     out="$RUN/results/$b.$r.json"
     local fs
-    read -r fs _ < <(fsync_probe "$RUN/probe" 100 1)
+    read -r fs _ < <(fsync_probe 100 append "$RUN/probe")
     sync
     sleep 1
     timeout 180 python3 "$RUN/failover_run.py" --ports "$ports" --kill-pid "$pid" "${args[@]}" \

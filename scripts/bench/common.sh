@@ -34,16 +34,23 @@ warn_if_stale() { # binary...: a --no-build run must not credit an old binary
     done
 }
 
-fsync_probe() { # path count writers...: for each number of writers (processes
-    # appending 4 KiB + fdatasync to files of their own at once, as the
-    # replicated pair's two stores do), prints the median and p90 in ms of
-    # count writes each, all on one line
+fsync_probe() { # count mode path...: one writer process per path, all at
+    # once (as the replicated pair's two stores write), each writing 4 KiB +
+    # fdatasync count times to a file of its own beside path; prints the
+    # median and p90 in ms of all the writes. Mode append grows a fresh file
+    # (a new write-ahead-log file); overwrite writes over a file written and
+    # synced beforehand (a reused one, as FerroMQ's store writes once it has
+    # written a few hundred MiB)
     python3 - "$@" <<'EOF'
 import multiprocessing, os, sys, time, statistics
 
-def probe(path, n, out):
+def probe(path, n, mode, out):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     buf = b"\0" * 4096
+    if mode == "overwrite":
+        os.write(fd, buf * n)
+        os.fsync(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
     lat = []
     for _ in range(n):
         t = time.perf_counter()
@@ -54,19 +61,18 @@ def probe(path, n, out):
     os.unlink(path)
     out.put(lat)
 
-def run(path, n, writers):
-    out = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=probe, args=(f"{path}.{i}", n, out))
-             for i in range(writers)]
-    for p in procs:
-        p.start()
-    lat = sorted(x for _ in procs for x in out.get())
-    for p in procs:
-        p.join()
-    return f"{statistics.median(lat):.3f} {lat[int(len(lat) * 0.9)]:.3f}"
-
-path, n = sys.argv[1], int(sys.argv[2])
-print(" ".join(run(path, n, int(w)) for w in sys.argv[3:]))
+n, mode, paths = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+if mode not in ("append", "overwrite"):
+    sys.exit(f"fsync_probe: mode must be append or overwrite, not {mode!r}")
+out = multiprocessing.Queue()
+procs = [multiprocessing.Process(target=probe, args=(f"{p}.fsync-probe.{i}", n, mode, out))
+         for i, p in enumerate(paths)]
+for p in procs:
+    p.start()
+lat = sorted(x for _ in procs for x in out.get())
+for p in procs:
+    p.join()
+print(f"{statistics.median(lat):.3f} {lat[int(len(lat) * 0.9)]:.3f}")
 EOF
 }
 

@@ -37,10 +37,12 @@ def load(run):
     with open(os.path.join(run, "fsync.tsv")) as f:
         next(f)
         for line in f:
-            # Runs before the two-writer probe have three columns.
-            r, med, p90, *two = line.split()
-            two = tuple(float(x) for x in two) if len(two) == 2 else None
-            fsync.append((int(r), float(med), float(p90), two))
+            # Runs before the two-writer probe have three columns, runs
+            # before the overwrite probe five.
+            r, *cols = line.split()
+            cols = [float(x) for x in cols]
+            pairs = [tuple(cols[i : i + 2]) for i in range(0, len(cols), 2)]
+            fsync.append((int(r), pairs + [None] * (4 - len(pairs))))
     res = {}
     for path in glob.glob(os.path.join(run, "results", "*.json")):
         name = os.path.basename(path)[: -len(".json")]
@@ -147,15 +149,25 @@ def main():
     w(f"| OS | {meta.get('os', '?')} |")
     w(f"| Java (ActiveMQ) | {meta.get('java', '?')} |")
     w(f"| file system of the data dirs | {meta.get('fs', '?')} |")
-    probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, m, p, _ in fsync)
-    w(f"| fsync probe, 4 KiB append + fdatasync, median of 200 | {probes} |")
-    two = [(r, t) for r, _, _, t in fsync if t]
-    if two:
-        probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, (m, p) in two)
-        w(
-            "| the same, two processes on two files at once (as the replicated pair's "
-            f"two stores write on this machine), median of 400 | {probes} |"
-        )
+    probe_rows = [
+        ("fsync probe, 4 KiB append + fdatasync on a growing file, median of 200", 0),
+        (
+            "the same, two processes on two files at once (where the replicated pair's "
+            "two stores write), median of 400",
+            1,
+        ),
+        (
+            "4 KiB overwrite + fdatasync of a file written before (as FerroMQ's store "
+            "writes once it reuses its write-ahead-log files), median of 200",
+            2,
+        ),
+        ("the same, two processes at once, median of 400", 3),
+    ]
+    for label, col in probe_rows:
+        cells = [(r, pairs[col]) for r, pairs in fsync if pairs[col]]
+        if cells:
+            probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, (m, p) in cells)
+            w(f"| {label} | {probes} |")
     if meta.get("load"):
         w(f"| load average (1/5/15 min) at the end of the rounds | {meta['load']} |")
     w("")
