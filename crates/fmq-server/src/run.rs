@@ -93,8 +93,6 @@ pub fn stop_on_signals(shutdown: tokio::sync::watch::Sender<bool>) -> Result<()>
     Ok(())
 }
 
-/// Opens the store and starts a broker on it, creating the initial admin
-/// user on an empty store.
 /// Opens the RocksDB store of a profile; `log_retention` batches are kept
 /// in its batch log (0 for none; replicated HA keeps one).
 pub fn open_store(
