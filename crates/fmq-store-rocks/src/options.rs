@@ -47,9 +47,10 @@ pub struct RocksOptions {
     /// fresh file each append grows the file, so the fdatasync also commits
     /// the file system's journal; on a reused file the append overwrites
     /// blocks the file already has, and only the data goes to disk. On ext4
-    /// that halves a 4 KiB append + fdatasync, and more when two servers
-    /// share a disk (see `docs/benchmarks.md`). The cost is disk space:
-    /// each kept file is about one memtable of writes (`write_buffer_bytes`).
+    /// that about halves a 4 KiB append + fdatasync, with one writer on the
+    /// disk or two (see the probes in `docs/benchmarks.md`). The cost is
+    /// disk space: each kept file is about one memtable of writes
+    /// (`write_buffer_bytes`).
     /// Records left from a file's previous use carry its old number, so
     /// recovery after a crash stops where the new records end.
     pub recycle_wal_files: usize,
@@ -95,6 +96,9 @@ impl RocksOptions {
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         // RocksDB's own info log rotates; keep a few for post-mortems.
         opts.set_keep_log_file_num(8);
+        // RocksDB reuses WAL files under point-in-time recovery (above); it
+        // would refuse writes with the WAL disabled, which this store never
+        // makes.
         opts.set_recycle_log_file_num(self.recycle_wal_files);
         // A write-ahead-log file is spent only once every column family
         // holding data from it has flushed. Flushed one by one, a rarely
