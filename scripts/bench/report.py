@@ -149,21 +149,15 @@ def main():
     w(f"| OS | {meta.get('os', '?')} |")
     w(f"| Java (ActiveMQ) | {meta.get('java', '?')} |")
     w(f"| file system of the data dirs | {meta.get('fs', '?')} |")
-    probe_rows = [
-        ("fsync probe, 4 KiB append + fdatasync on a growing file, median of 200", 0),
-        (
-            "the same, two processes on two files at once (where the replicated pair's "
-            "two stores write), median of 400",
-            1,
-        ),
-        (
-            "4 KiB overwrite + fdatasync of a file written before (as FerroMQ's store "
-            "writes once it reuses its write-ahead-log files), median of 200",
-            2,
-        ),
-        ("the same, two processes at once, median of 400", 3),
+    probe_labels = [
+        "fsync probe, 4 KiB append + fdatasync on a growing file, median of 200",
+        "the same, two processes on two files at once (where the replicated pair's "
+        "two stores write), median of 400",
+        "4 KiB overwrite + fdatasync of a file written before (as FerroMQ's store "
+        "writes once it reuses its write-ahead-log files), median of 200",
+        "the same, two processes at once, median of 400",
     ]
-    for label, col in probe_rows:
+    for col, label in enumerate(probe_labels):
         cells = [(r, pairs[col]) for r, pairs in fsync if pairs[col]]
         if cells:
             probes = ", ".join(f"round {r}: {m:.3f} ms (p90 {p:.3f})" for r, (m, p) in cells)
