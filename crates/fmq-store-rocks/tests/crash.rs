@@ -2,6 +2,14 @@
 //! sequence only after its commit resolved; it is killed with SIGKILL
 //! mid-stream. Every reported batch must be there after reopening.
 //!
+//! A SIGKILL leaves the page cache, so unsynced writes survive it. The
+//! power-cut tests run the child's store on an `fmq-powerloss` FUSE mount
+//! and cut its power mid-stream instead: what reopens is only what the
+//! store synced (or, for a torn cut, that plus a random part of the rest).
+//! They need `/dev/fuse` and root, as CI has. Each run prints its
+//! `FMQ_POWERLOSS_SEED`, which replays a torn cut's page choices (the
+//! moment of the cut depends on timing).
+//!
 //! The child is this test binary itself, re-executed with a filter that runs
 //! only [`crash_child`] and environment variables that tell it where the
 //! store is and how to open it. Without them `crash_child` does nothing.
@@ -13,11 +21,13 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fmq_powerloss::{Loss, Mount};
 use fmq_store::{Batch, Cf, Op, Store};
 use fmq_store_rocks::{RocksOptions, RocksStore};
 
 const DIR_VAR: &str = "FMQ_CRASH_CHILD_DIR";
 const SMALL_MEMTABLES_VAR: &str = "FMQ_CRASH_CHILD_SMALL_MEMTABLES";
+const SEED_VAR: &str = "FMQ_POWERLOSS_SEED";
 const KILL_AFTER: usize = 300;
 const WRITERS: u64 = 4;
 const LOG_RETENTION: u64 = 100;
@@ -81,7 +91,16 @@ fn crash_child() {
                         batch.put(Cf::Messages, key.as_bytes(), vec![b'x'; 512]);
                         batch.put(Cf::QueueEntries, format!("q/{key}"), key.as_bytes());
                         batch.set_sync(true);
-                        let sequence = store.commit(batch).await.expect("child commit");
+                        let sequence = match store.commit(batch).await {
+                            Ok(sequence) => sequence,
+                            // After a power cut every write fails: stop
+                            // (without a panic's noise); the parent sees
+                            // the reports end either way.
+                            Err(e) => {
+                                println!("commit failed: {e}");
+                                std::process::exit(3);
+                            }
+                        };
                         println!("committed {sequence} {key}");
                     }
                 })
@@ -95,7 +114,7 @@ fn crash_child() {
 
 #[test]
 fn committed_batches_survive_sigkill() {
-    crash_and_check(false);
+    crash_and_check(false, None);
 }
 
 /// The same crash while the store writes a reused write-ahead-log file:
@@ -103,7 +122,34 @@ fn committed_batches_survive_sigkill() {
 /// reported batch nor replay one from the file's previous use.
 #[test]
 fn committed_batches_survive_sigkill_in_a_reused_wal_file() {
-    crash_and_check(true);
+    crash_and_check(true, None);
+}
+
+/// A power cut: everything not synced is gone, the directory entries of
+/// files created since their directory's last sync included.
+#[test]
+fn committed_batches_survive_a_power_cut() {
+    crash_and_check(false, Some(Loss::Unsynced));
+}
+
+/// A power cut while reused write-ahead-log files are written, with each
+/// unsynced page written back or not at random: the reused file can hold
+/// new records, then old ones from its previous use, then new ones again.
+/// Recovery must stop at the first record that is not the new file's.
+#[test]
+fn committed_batches_survive_a_torn_power_cut_in_a_reused_wal_file() {
+    crash_and_check(true, Some(Loss::Torn));
+}
+
+/// The seed of a torn cut's choices: `FMQ_POWERLOSS_SEED`, or a new one.
+fn seed() -> u64 {
+    match std::env::var(SEED_VAR) {
+        Ok(s) => s.parse().expect("FMQ_POWERLOSS_SEED must be a number"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    }
 }
 
 /// Whether RocksDB's info log says a spent write-ahead-log file was taken
@@ -112,13 +158,23 @@ fn reused_a_wal_file(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("LOG")).is_ok_and(|log| log.contains("reusing log"))
 }
 
-fn crash_and_check(small_memtables: bool) {
+/// Runs the child until it reported enough commits, then kills it
+/// (`cut: None`) or cuts the power under it, and checks what reopens.
+fn crash_and_check(small_memtables: bool, cut: Option<Loss>) {
     let dir = tempfile::tempdir().expect("tempdir");
+    // With a power cut `dir` is the mount point, and the store reopens from
+    // the image of the disk written into `image`.
+    let image = tempfile::tempdir().expect("tempdir");
+    let mount = cut.map(|_| Mount::new(dir.path()).expect("power-loss mount"));
+    let store_dir = match &mount {
+        Some(m) => m.path().join("store"),
+        None => dir.path().to_owned(),
+    };
     let exe = std::env::current_exe().expect("current exe");
     let mut command = Command::new(exe);
     command
         .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-        .env(DIR_VAR, dir.path());
+        .env(DIR_VAR, &store_dir);
     if small_memtables {
         command.env(SMALL_MEMTABLES_VAR, "1");
     }
@@ -157,7 +213,7 @@ fn crash_and_check(small_memtables: bool) {
     while reported.len() < KILL_AFTER || !reused {
         if !reused && looked.elapsed() >= Duration::from_millis(100) {
             looked = Instant::now();
-            reused = reused_a_wal_file(dir.path());
+            reused = reused_a_wal_file(&store_dir);
         }
         let left = give_up.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -173,15 +229,30 @@ fn crash_and_check(small_memtables: bool) {
             }
         }
     }
-    child.kill().expect("SIGKILL child");
+    let reopen_dir = match (&mount, cut) {
+        (Some(mount), Some(loss)) => {
+            // From here every file operation of the child fails, so it can
+            // report nothing more that the disk does not hold.
+            let seed = seed();
+            let cut = mount
+                .power_off(loss, seed, image.path())
+                .expect("power off");
+            println!("power cut ({loss:?}, {SEED_VAR}={seed}): {cut:?}");
+            image.path().join("store")
+        }
+        _ => dir.path().to_owned(),
+    };
+    // A child whose commit failed at the power cut may have exited already.
+    let _ = child.kill();
     let status = child.wait().expect("wait child");
-    assert!(!status.success(), "child must die by the signal: {status}");
-    // Commits the child printed between our last read and the kill count
-    // too: they were reported as resolved.
+    assert!(!status.success(), "child must die: {status}");
+    // Commits the child printed between our last read and the kill (or the
+    // cut) count too: they were reported as resolved.
     reader.join().expect("reader thread");
     reported.extend(rx.try_iter());
+    drop(mount);
 
-    let store = RocksStore::open(dir.path(), options(small_memtables)).expect("reopen");
+    let store = RocksStore::open(&reopen_dir, options(small_memtables)).expect("reopen");
     let last_reported = reported.iter().map(|(s, _)| *s).max().expect("reports");
     println!(
         "child killed after {} reported commits (last sequence {last_reported}); \
@@ -189,7 +260,11 @@ fn crash_and_check(small_memtables: bool) {
         reported.len(),
         store.last_sequence()
     );
-    assert!(store.last_sequence() >= last_reported);
+    assert!(
+        store.last_sequence() >= last_reported,
+        "recovered sequence {} is short of the last reported {last_reported}",
+        store.last_sequence()
+    );
     for (sequence, key) in &reported {
         assert!(
             store
