@@ -5,10 +5,11 @@
 //! A RECEIPT for a persistent SEND means "on both disks": the active
 //! fsyncs the batch and the passive fsyncs it before its ack. A SIGKILL
 //! cannot test that, as the page cache survives it; here each server's
-//! store directory is an `fmq-powerloss` FUSE mount, which keeps only what
-//! was synced (plus, at this torn cut, a random part of the rest) when its
-//! power is cut. The images of both disks replace the store directories,
-//! and only one server is started again: the old active in one test, the
+//! `run/` directory (where it creates its store directory, `run/db`) is an
+//! `fmq-powerloss` FUSE mount, which keeps only what was synced (plus, at
+//! this torn cut, a random part of the rest) when its power is cut. The
+//! images of both disks replace the `run/` directories, and only one server
+//! is started again: the old active in one test, the
 //! old passive in the other. It goes STANDALONE after `max_wait_timeout`
 //! and is drained: every receipted id must be there, once, with its body.
 //!
@@ -73,8 +74,8 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
         let mut changes = pair.local_changes(i);
         changes.push(("ha", "max_wait_timeout", MAX_WAIT_MS.to_string()));
         pair.write_profile(i, &replicated_profile(pair.nodes[i].name, &changes));
-        std::fs::create_dir_all(pair.db(i))?;
-        mounts.push(Mount::new(&pair.db(i)).context("power-loss mount")?);
+        std::fs::create_dir_all(pair.run_dir(i))?;
+        mounts.push(Mount::new(&pair.run_dir(i)).context("power-loss mount")?);
     }
     pair.start_all()?;
     let (active, passive) = pair.wait_roles(Duration::from_secs(30))?;
@@ -120,9 +121,9 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
     let reports = producers.finish().await?;
     drop(mounts);
 
-    // Each store directory now holds what its disk held.
+    // Each `run/` now holds what its disk held.
     for i in [PRIMARY, SECONDARY] {
-        move_entries(&images[i], &pair.db(i))?;
+        move_entries(&images[i], &pair.run_dir(i))?;
     }
     let back = match survivor {
         Survivor::OldActive => active,

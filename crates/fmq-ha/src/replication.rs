@@ -1297,7 +1297,8 @@ pub fn save_divergent(
     history: &[EpochStart],
     dir: &Path,
 ) -> Result<(PathBuf, u64), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    fmq_store::durable::create_dir_all(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let path = dir.join(format!(
         "diverged-e{}-{}-{}-{}.fmqlog",
         position.epoch,
@@ -1346,6 +1347,9 @@ pub fn save_divergent(
         .into_inner()
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
     file.sync_all().map_err(io)?;
+    // The file's name too: the store directory is replaced right after.
+    fmq_store::durable::sync_dir(dir)
+        .map_err(|e| format!("syncing the directory {}: {e}", dir.display()))?;
     if first > common + 1 {
         warn!(
             "batches {}..{} of the divergent history are no longer in the batch log; they remain in the old store directory kept aside",

@@ -155,7 +155,9 @@ pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()>
     let admin_listener = bind(admin_addr, "admin port", "network.admin_port").await?;
 
     let db_path = db_override.unwrap_or_else(|| profile.resolve(&profile.file.store.db_path));
-    std::fs::create_dir_all(&db_path)
+    // Synced into its parent, so a power cut soon after the first start
+    // cannot lose the new store directory with everything in it.
+    fmq_store::durable::create_dir_all(&db_path)
         .with_context(|| format!("cannot create store directory {}", db_path.display()))?;
     let db_path = db_path.canonicalize().unwrap_or(db_path);
     let info = ServerInfo {

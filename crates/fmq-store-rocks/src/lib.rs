@@ -197,7 +197,11 @@ impl RocksStore {
     /// the directory open; [`Error::Io`] or [`Error::Corrupt`] if the
     /// directory or the database cannot be opened.
     pub fn open(dir: &Path, options: RocksOptions) -> Result<RocksStore> {
-        create_dir_durably(dir)?;
+        // RocksDB syncs the store directory after creating its files, but
+        // not the directory's own entry in its parent: without this a power
+        // cut soon after the first start could lose the whole store.
+        fmq_store::durable::create_dir_all(dir)
+            .map_err(|e| error::io(&format!("creating {}", dir.display()), &e))?;
         let lock = lock_dir(dir)?;
 
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
@@ -339,33 +343,6 @@ impl RocksStore {
         }
         commit
     }
-}
-
-/// Creates `dir` and its missing parents, and syncs the directory that
-/// holds each new one. RocksDB syncs the store directory after creating its
-/// files, but not the directory's own entry in its parent: without this, a
-/// power cut soon after the first start could lose the whole store, its
-/// synced writes with it, on a file system that keeps only what was synced.
-fn create_dir_durably(dir: &Path) -> Result<()> {
-    let io = |what: &str, path: &Path, e: std::io::Error| {
-        error::io(&format!("{what} {}", path.display()), &e)
-    };
-    let missing: Vec<&Path> = dir
-        .ancestors()
-        .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
-        .collect();
-    std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
-    // Deepest first: each sync makes one new entry durable.
-    for created in missing {
-        let parent = match created.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("syncing the directory", parent, e))?;
-    }
-    Ok(())
 }
 
 /// Creates or opens `DIR/fmq.lock` and takes an exclusive lock on it. The

@@ -19,6 +19,7 @@
 
 pub mod batch;
 pub mod dedupe;
+pub mod durable;
 pub mod epoch;
 pub mod error;
 pub mod memory;
