@@ -3,7 +3,7 @@
 # persistent STOMP benchmarks on loopback.
 #
 #   scripts/bench.sh [--rounds R] [--settle S] [--messages N] [--messages-100 N] [--messages-16 N]
-#                    [--brokers ferromq,ferromq-rpl,activemq,rabbitmq] [--out FILE] [--no-build]
+#                    [--warmup N] [--brokers ferromq,ferromq-rpl,activemq,rabbitmq] [--out FILE] [--no-build]
 #                    [--no-install] [--no-strace] [--keep] [--serve] [--rpl-db DIR0,DIR1]
 #
 # --brokers (alias --only) selects the brokers; all four by default.
@@ -18,6 +18,12 @@
 # names the filesystem each store was on. A tmpfs directory (/dev/shm) takes
 # a store's writes off the disk altogether: not durable, so only a way to see
 # what the shared disk costs the pair, never a figure for the pair itself.
+#
+# --warmup N (default 200000) sends N messages through every broker before
+# the rounds (a receipt every 100, consumed; not recorded), so each runs as
+# it does after a while in service: FerroMQ's stores reuse their spent
+# write-ahead-log files only after about two memtables of writes, the JVM
+# has compiled its hot paths, and every broker has grown its files.
 #
 # --serve starts the brokers, prints their ports and waits (Ctrl-C stops them):
 # handy for manual fmq-bench runs.
@@ -43,6 +49,7 @@ SETTLE=2          # seconds of quiet disk before each run
 MSG_EACH=5000      # receipt-each: messages (1 producer)
 MSG_100=50000      # receipt-100: messages (1 producer)
 MSG_16=1000        # producers-16: messages per producer (16 producers)
+WARMUP=200000      # warm-up messages per broker (see --warmup)
 SIZE=1024
 PREFETCH=1000
 ALL_BROKERS="ferromq ferromq-rpl activemq rabbitmq"
@@ -66,6 +73,7 @@ while [[ $# -gt 0 ]]; do
         --messages) MSG_EACH=$2; shift 2 ;;
         --messages-100) MSG_100=$2; shift 2 ;;
         --messages-16) MSG_16=$2; shift 2 ;;
+        --warmup) WARMUP=$2; shift 2 ;;
         --only|--brokers) ONLY=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
@@ -77,6 +85,9 @@ while [[ $# -gt 0 ]]; do
         -h|--help) usage; exit 0 ;;
         *) echo "bench.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
     esac
+done
+for n in "$ROUNDS" "$SETTLE" "$MSG_EACH" "$MSG_100" "$MSG_16" "$WARMUP"; do
+    [[ $n =~ ^[0-9]+$ ]] || { echo "bench.sh: '$n' is not a whole number (--rounds, --settle, --messages*, --warmup)" >&2; exit 2; }
 done
 RPL_DB_DIRS=()
 if [[ -n "$RPL_DB" ]]; then
@@ -520,11 +531,13 @@ settle() { # flush dirty pages of the previous run, then pause
     sleep "$SETTLE"
 }
 
-# Warm-up (JIT, queue creation paths), not recorded.
-for b in "${ACTIVE[@]}"; do
-    log "warm-up $b"
-    bench "$b" warmup 0 --messages 2000 --receipt-every 10 || true
-done
+# Warm-up to a steady state (see --warmup), not recorded.
+if [[ $WARMUP -gt 0 ]]; then
+    for b in "${ACTIVE[@]}"; do
+        log "warm-up $b: $WARMUP messages"
+        bench "$b" warmup 0 --messages "$WARMUP" --receipt-every 100 || true
+    done
+fi
 
 # The two-writer probe writes where the pair's two stores are.
 PROBE_PAIR=("$RUN/probe" "$RUN/probe")
@@ -595,6 +608,7 @@ fi
     echo "msg_each=$MSG_EACH"
     echo "msg_100=$MSG_100"
     echo "msg_16=$MSG_16"
+    echo "warmup=$WARMUP"
     echo "size=$SIZE"
     echo "prefetch=$PREFETCH"
     echo "elapsed=$ELAPSED"

@@ -179,6 +179,11 @@ def main():
     w(f"- Messages: receipt-each {meta.get('msg_each')}, receipt-100 {meta.get('msg_100')}, "
       f"producers-16 {meta.get('msg_16')} per producer; bodies {meta.get('size')} bytes, "
       "`persistent:true`, a fresh `/queue/...` per run.")
+    if meta.get("warmup"):
+        w(f"- Before the rounds every broker took a warm-up of {meta['warmup']} messages (a receipt "
+          "every 100, consumed, not recorded), so each is measured as after a while in service "
+          "(FerroMQ's stores then write over spent write-ahead-log files, the JVM has compiled "
+          "its hot paths).")
     w(f"- One consumer connection subscribes (and gets its SUBSCRIBE receipt) before the producers start; "
       f"it ACKs every message with `ack:client-individual`, prefetch {meta.get('prefetch')} "
       "(`activemq.prefetchSize` and `prefetch-count`).")
