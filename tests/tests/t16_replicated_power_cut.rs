@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fmq_powerloss::{Loss, Mount};
+use fmq_powerloss::{seed, Loss, Mount, SEED_VAR};
 use fmq_tests::load::{drain_pipelined, duplicates, sample, Producers, Workload};
 use fmq_tests::pair::{HaPair, LocalPair, PRIMARY, SECONDARY};
 use fmq_tests::replicated_profile;
@@ -43,16 +43,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 enum Survivor {
     OldActive,
     OldPassive,
-}
-
-fn seed() -> u64 {
-    match std::env::var("FMQ_POWERLOSS_SEED") {
-        Ok(s) => s.parse().expect("FMQ_POWERLOSS_SEED must be a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
 }
 
 /// Moves every entry of `from` into the empty directory `to`.
@@ -110,7 +100,7 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
         std::fs::create_dir(&images[i])?;
         let cut = mounts[i].power_off(Loss::Torn, seed + i as u64, &images[i])?;
         println!(
-            "power cut of {} (FMQ_POWERLOSS_SEED={seed}): {cut:?}",
+            "power cut of {} ({SEED_VAR}={seed}): {cut:?}",
             pair.nodes[i].name
         );
     }

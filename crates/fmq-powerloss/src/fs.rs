@@ -64,6 +64,13 @@ impl PowerLossFs {
         }
     }
 
+    fn attr(&self, result: Result<Attr, i32>, reply: ReplyAttr) {
+        match result {
+            Ok(a) => reply.attr(&TTL, &self.file_attr(a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     fn empty(result: Result<(), i32>, reply: ReplyEmpty) {
         match result {
             Ok(()) => reply.ok(),
@@ -79,10 +86,8 @@ impl Filesystem for PowerLossFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.model.lock().attr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &self.file_attr(a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        let result = self.model.lock().attr(ino.0);
+        self.attr(result, reply);
     }
 
     fn setattr(
@@ -109,10 +114,8 @@ impl Filesystem for PowerLossFs {
             None => Ok(()),
         }
         .and_then(|()| model.attr(ino.0));
-        match result {
-            Ok(a) => reply.attr(&TTL, &self.file_attr(a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        drop(model);
+        self.attr(result, reply);
     }
 
     fn mkdir(

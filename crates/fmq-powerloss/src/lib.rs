@@ -37,6 +37,28 @@ pub use model::{Cut, Loss};
 use crate::fs::PowerLossFs;
 use crate::model::Model;
 
+/// The environment variable that fixes [`seed`].
+pub const SEED_VAR: &str = "FMQ_POWERLOSS_SEED";
+
+/// A seed for [`Mount::power_off`]: `FMQ_POWERLOSS_SEED` when set (to
+/// replay a failing run's torn-page choices), otherwise a new one. Tests
+/// print it.
+///
+/// # Panics
+///
+/// If `FMQ_POWERLOSS_SEED` is set but not a number.
+pub fn seed() -> u64 {
+    match std::env::var(SEED_VAR) {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{SEED_VAR} must be a number, not {s:?}")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    }
+}
+
 /// A mounted power-loss file system. Dropping it unmounts it.
 pub struct Mount {
     model: Arc<Mutex<Model>>,

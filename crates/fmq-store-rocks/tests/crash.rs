@@ -21,13 +21,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fmq_powerloss::{Loss, Mount};
+use fmq_powerloss::{seed, Loss, Mount, SEED_VAR};
 use fmq_store::{Batch, Cf, Op, Store};
 use fmq_store_rocks::{RocksOptions, RocksStore};
 
 const DIR_VAR: &str = "FMQ_CRASH_CHILD_DIR";
 const SMALL_MEMTABLES_VAR: &str = "FMQ_CRASH_CHILD_SMALL_MEMTABLES";
-const SEED_VAR: &str = "FMQ_POWERLOSS_SEED";
 const KILL_AFTER: usize = 300;
 const WRITERS: u64 = 4;
 const LOG_RETENTION: u64 = 100;
@@ -139,17 +138,6 @@ fn committed_batches_survive_a_power_cut() {
 #[test]
 fn committed_batches_survive_a_torn_power_cut_in_a_reused_wal_file() {
     crash_and_check(true, Some(Loss::Torn));
-}
-
-/// The seed of a torn cut's choices: `FMQ_POWERLOSS_SEED`, or a new one.
-fn seed() -> u64 {
-    match std::env::var(SEED_VAR) {
-        Ok(s) => s.parse().expect("FMQ_POWERLOSS_SEED must be a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
 }
 
 /// Whether RocksDB's info log says a spent write-ahead-log file was taken
