@@ -172,9 +172,15 @@ impl Replica for LocalReplica {
                     self.db_path.display()
                 )
             })?;
-            if let Ok(d) = std::fs::File::open(self.parent()) {
-                let _ = d.sync_all();
-            }
+            // The renames are durable only once their directory is synced;
+            // a failed sync fails the install (the stream ends and the next
+            // one starts from what the store then holds).
+            fmq_store::durable::sync_dir(&self.parent()).map_err(|e| {
+                format!(
+                    "syncing {} after installing the checkpoint: {e}",
+                    self.parent().display()
+                )
+            })?;
             Ok::<(), String>(())
         })();
         let reopened =
