@@ -1,6 +1,12 @@
-//! A power cut of both servers of a replicated pair under receipted load
-//! (the double failure a rack-wide power loss causes), then only one of
-//! them comes back: it alone must hold every message the pair receipted.
+//! Power cuts of a replicated pair's disks under receipted load.
+//!
+//! - Both servers at once (the double failure a rack-wide power loss
+//!   causes), then only one of them comes back: the old active in one
+//!   test, the old passive in the other. It goes STANDALONE after
+//!   `max_wait_timeout`, alone, and must hold every message the pair
+//!   receipted.
+//! - The active alone: the passive takes over and serves on; the old active
+//!   comes back from what its disk held and rejoins as PASSIVE.
 //!
 //! A RECEIPT for a persistent SEND means "on both disks": the active
 //! fsyncs the batch and the passive fsyncs it before its ack. A SIGKILL
@@ -8,24 +14,26 @@
 //! `run/` directory (where it creates its store directory, `run/db`) is an
 //! `fmq-powerloss` FUSE mount, which keeps only what was synced (plus, at
 //! this torn cut, a random part of the rest) when its power is cut. The
-//! images of both disks replace the `run/` directories, and only one server
-//! is started again: the old active in one test, the
-//! old passive in the other. It goes STANDALONE after `max_wait_timeout`
-//! and is drained: every receipted id must be there, once, with its body.
+//! image of a disk replaces its `run/` directory before that server starts
+//! again. The server that serves last is drained: every receipted id must
+//! be there, once, with its body.
 //!
 //! The mounts need `/dev/fuse` and root, as CI has. The torn cut's page
 //! choices are replayed with `FMQ_POWERLOSS_SEED`, which each run prints
 //! (the moment of the cut depends on timing).
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use fmq_powerloss::{seed, Loss, Mount, SEED_VAR};
-use fmq_tests::load::{drain_pipelined, duplicates, sample, Producers, Workload};
+use fmq_tests::load::{
+    drain_pipelined, duplicates, first_receipt_from, sample, ProducerReport, Producers, Receipted,
+    Workload,
+};
 use fmq_tests::pair::{HaPair, LocalPair, PRIMARY, SECONDARY};
 use fmq_tests::replicated_profile;
 
@@ -55,9 +63,25 @@ fn move_entries(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    let mut pair = LocalPair::new("fmq-power-test-");
+/// A pair and the power-loss mounts of its `run/` directories. Dropping it
+/// kills the servers before it unmounts their disks.
+struct Powered {
+    pair: LocalPair,
+    mounts: Vec<Option<Mount>>,
+}
+
+impl Drop for Powered {
+    fn drop(&mut self) {
+        self.pair.kill9(PRIMARY);
+        self.pair.kill9(SECONDARY);
+        self.mounts.clear();
+    }
+}
+
+/// A pair whose `run/` directories are power-loss mounts, started, with
+/// its roles: `(pair, mounts, active, passive)`.
+fn powered_pair() -> Result<(Powered, usize, usize)> {
+    let pair = LocalPair::new("fmq-power-test-");
     pair.create_lock_file();
     let mut mounts = Vec::new();
     for i in [PRIMARY, SECONDARY] {
@@ -65,64 +89,61 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
         changes.push(("ha", "max_wait_timeout", MAX_WAIT_MS.to_string()));
         pair.write_profile(i, &replicated_profile(pair.nodes[i].name, &changes));
         std::fs::create_dir_all(pair.run_dir(i))?;
-        mounts.push(Mount::new(&pair.run_dir(i)).context("power-loss mount")?);
+        mounts.push(Some(
+            Mount::new(&pair.run_dir(i)).context("power-loss mount")?,
+        ));
     }
-    pair.start_all()?;
-    let (active, passive) = pair.wait_roles(Duration::from_secs(30))?;
-    let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
+    let mut powered = Powered { pair, mounts };
+    powered.pair.start_all()?;
+    let (active, passive) = powered.pair.wait_roles(Duration::from_secs(30))?;
+    Ok((powered, active, passive))
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let live = Arc::new(Mutex::new(Vec::new()));
-    let load = Workload {
-        connect_timeout: Duration::from_secs(2),
-        receipt_timeout: Duration::from_secs(5),
-        ..Workload::new(DEST, BODY_LEN)
-    };
-    let producers = Producers::start(PRODUCERS, load, addrs, active, &stop, &live);
+fn receipts(live: &Mutex<Vec<Receipted>>) -> usize {
+    live.lock().unwrap_or_else(|e| e.into_inner()).len()
+}
+
+/// Waits until `live` holds `n` receipts.
+async fn wait_receipts(pair: &LocalPair, live: &Mutex<Vec<Receipted>>, n: usize) -> Result<()> {
     let started = Instant::now();
-    while live.lock().unwrap_or_else(|e| e.into_inner()).len() < RECEIPTS {
+    while receipts(live) < n {
         if started.elapsed() > Duration::from_secs(60) {
-            stop.store(true, Ordering::Relaxed);
-            bail!("fewer than {RECEIPTS} receipts in 60 s:\n{}", pair.logs());
+            bail!(
+                "{} receipts of {n} after 60 s:\n{}",
+                receipts(live),
+                pair.logs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
+}
 
-    // Both disks at once (the active's first: from then on it can receipt
-    // nothing more). A RECEIPT that arrives after the cut was for a batch
-    // both servers synced before it, so every receipt counts.
-    let seed = seed();
-    let images = [
-        pair.root.path().join("image0"),
-        pair.root.path().join("image1"),
-    ];
-    for i in [active, passive] {
-        std::fs::create_dir(&images[i])?;
-        let cut = mounts[i].power_off(Loss::Torn, seed + i as u64, &images[i])?;
-        println!(
-            "power cut of {} ({SEED_VAR}={seed}): {cut:?}",
-            pair.nodes[i].name
-        );
-    }
-    let at_cut = live.lock().unwrap_or_else(|e| e.into_inner()).len();
-    pair.kill9(active);
-    pair.kill9(passive);
-    stop.store(true, Ordering::Relaxed);
-    let reports = producers.finish().await?;
-    drop(mounts);
+/// Cuts the power of server `i`'s disk: its image is written to
+/// `root/image-i`, returned.
+fn cut_power(pair: &LocalPair, mounts: &[Option<Mount>], i: usize, seed: u64) -> Result<PathBuf> {
+    let image = pair.root.path().join(format!("image-{i}"));
+    std::fs::create_dir(&image)?;
+    let mount = mounts[i]
+        .as_ref()
+        .ok_or_else(|| anyhow!("{} has no mount", pair.nodes[i].name))?;
+    let cut = mount.power_off(Loss::Torn, seed, &image)?;
+    println!(
+        "power cut of {} ({SEED_VAR}={seed}): {cut:?}",
+        pair.nodes[i].name
+    );
+    Ok(image)
+}
 
-    // Each `run/` now holds what its disk held.
-    for i in [PRIMARY, SECONDARY] {
-        move_entries(&images[i], &pair.run_dir(i))?;
-    }
-    let back = match survivor {
-        Survivor::OldActive => active,
-        Survivor::OldPassive => passive,
-    };
-    pair.start(back)?;
-    pair.wait_state(back, "STANDALONE", Duration::from_secs(30))?;
-    let drained = drain_pipelined(pair.nodes[back].addr(), DEST, BODY_LEN).await?;
-
+/// Checks what server `i` serves of the load: every receipted id once,
+/// nothing never sent.
+async fn check_drain(
+    pair: &LocalPair,
+    i: usize,
+    reports: &[ProducerReport],
+    at_cut: usize,
+) -> Result<()> {
+    let drained = drain_pipelined(pair.nodes[i].addr(), DEST, BODY_LEN).await?;
     let receipted: BTreeSet<&String> = reports
         .iter()
         .flat_map(|r| r.receipted.iter().map(|x| &x.id))
@@ -137,8 +158,8 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
         .collect();
     let in_doubt_kept = got.iter().filter(|id| unreceipted.contains(*id)).count();
     println!(
-        "{} alone after the cut: {} receipted ({at_cut} when the power went), {} in doubt of which {in_doubt_kept} kept; drained {}",
-        pair.nodes[back].name,
+        "{}: {} receipted ({at_cut} when the power went), {} in doubt of which {in_doubt_kept} kept; drained {}",
+        pair.nodes[i].name,
         receipted.len(),
         unreceipted.len(),
         drained.len()
@@ -153,6 +174,115 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
     let dups = duplicates(&drained);
     assert!(dups.is_empty(), "duplicates: {:?}", sample(dups.iter()));
     assert!(strangers.is_empty(), "never sent: {strangers:?}");
+    Ok(())
+}
+
+fn load() -> Workload {
+    Workload {
+        connect_timeout: Duration::from_secs(2),
+        receipt_timeout: Duration::from_secs(5),
+        ..Workload::new(DEST, BODY_LEN)
+    }
+}
+
+async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (mut powered, active, passive) = powered_pair()?;
+    let Powered { pair, mounts } = &mut powered;
+    let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(Mutex::new(Vec::new()));
+    let producers = Producers::start(PRODUCERS, load(), addrs, active, &stop, &live);
+    wait_receipts(pair, &live, RECEIPTS).await?;
+
+    // Both disks at once (the active's first: from then on it can receipt
+    // nothing more). A RECEIPT that arrives after the cut was for a batch
+    // both servers synced before it, so every receipt counts.
+    let seed = seed();
+    let images = [
+        cut_power(pair, mounts, active, seed)?,
+        cut_power(pair, mounts, passive, seed + 1)?,
+    ];
+    let at_cut = receipts(&live);
+    pair.kill9(active);
+    pair.kill9(passive);
+    stop.store(true, Ordering::Relaxed);
+    let reports = producers.finish().await?;
+    mounts.clear();
+
+    // Each `run/` now holds what its disk held.
+    move_entries(&images[0], &pair.run_dir(active))?;
+    move_entries(&images[1], &pair.run_dir(passive))?;
+    let back = match survivor {
+        Survivor::OldActive => active,
+        Survivor::OldPassive => passive,
+    };
+    pair.start(back)?;
+    pair.wait_state(back, "STANDALONE", Duration::from_secs(30))?;
+    print!("alone after the cut, ");
+    check_drain(pair, back, &reports, at_cut).await?;
+    pair.all_alive()?;
+    Ok(())
+}
+
+/// The active's host loses power alone: the passive takes over with every
+/// receipted message and serves on; the old active comes back from what its
+/// disk held (its unsynced tail gone, torn pages in its write-ahead log)
+/// and rejoins as PASSIVE at the same position; the survivor then serves
+/// every receipted message, from before and after the cut, once.
+async fn power_cut_of_the_active() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let (mut powered, active, passive) = powered_pair()?;
+    let Powered { pair, mounts } = &mut powered;
+    let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(Mutex::new(Vec::new()));
+    let producers = Producers::start(PRODUCERS, load(), addrs, active, &stop, &live);
+    wait_receipts(pair, &live, RECEIPTS).await?;
+
+    let image = cut_power(pair, mounts, active, seed())?;
+    let at_cut = receipts(&live);
+    let cut_at = Instant::now();
+    pair.kill9(active);
+    mounts[active] = None;
+    let took = pair.wait_state(passive, "STANDALONE", Duration::from_secs(20));
+    if took.is_err() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    println!(
+        "{} STANDALONE {:?} after the cut",
+        pair.nodes[passive].name, took?
+    );
+    // The producers go on with the survivor.
+    let deadline = cut_at + Duration::from_secs(30);
+    while first_receipt_from(&live, PRODUCERS, passive, cut_at).is_none() {
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            bail!(
+                "no receipts from the survivor within 30 s of the cut:\n{}",
+                pair.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_receipts(pair, &live, receipts(&live) + RECEIPTS / 2).await?;
+
+    // The old active, from its disk image, rejoins.
+    move_entries(&image, &pair.run_dir(active))?;
+    pair.start(active)?;
+    let rejoined = pair.wait_state(active, "PASSIVE", Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    println!(
+        "{} PASSIVE {:?} after its restart",
+        pair.nodes[active].name, rejoined?
+    );
+    let reports = producers.finish().await?;
+    let seq = pair.store_sequence(passive)?;
+    let at = pair.wait_same_position(seq, Duration::from_secs(30))?;
+    let diverged = pair.ha(active)?["diverged"].clone();
+    println!("same position {at:?}; divergent batches saved aside: {diverged}");
+    print!("after the rejoin, ");
+    check_drain(pair, passive, &reports, at_cut).await?;
     pair.all_alive()?;
     Ok(())
 }
@@ -165,4 +295,9 @@ async fn power_cut_of_both_then_the_old_active_alone_has_every_receipt() -> Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn power_cut_of_both_then_the_old_passive_alone_has_every_receipt() -> Result<()> {
     power_cut_of_both(Survivor::OldPassive).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn power_cut_of_the_active_then_it_rejoins_from_its_disk() -> Result<()> {
+    power_cut_of_the_active().await
 }

@@ -161,6 +161,22 @@ impl Filesystem for PowerLossFs {
         Self::empty(result, reply);
     }
 
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let linked = self
+            .model
+            .lock()
+            .link(ino.0, newparent.0, newname)
+            .map(|()| ino.0);
+        self.entry(linked, reply);
+    }
+
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mut model = self.model.lock();
         let result = if flags.0 & libc::O_TRUNC != 0 {

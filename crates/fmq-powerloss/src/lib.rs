@@ -120,10 +120,12 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            // A program still holding files open keeps the mount busy; the
-            // session detaches it then, and the kernel drops it when they
-            // close.
-            let _ = session.umount_and_join();
+            if session.umount_and_join().is_err() {
+                // Busy: a program still has files open on it. Detach it, so
+                // no dead mount outlives this process; the kernel lets go
+                // of it when those files close.
+                let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+            }
         }
     }
 }

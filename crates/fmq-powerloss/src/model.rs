@@ -309,6 +309,22 @@ impl Model {
         Ok(())
     }
 
+    /// Gives file `ino` a second name, `new_parent/new_name` (a hard
+    /// link, as RocksDB's checkpoints make). The image writes each name as
+    /// a file of its own.
+    pub fn link(&mut self, ino: u64, new_parent: u64, new_name: &OsStr) -> Result<(), Errno> {
+        if self.attr(ino)?.dir {
+            return Err(libc::EPERM);
+        }
+        if self.dir(new_parent)?.entries.contains_key(new_name) {
+            return Err(libc::EEXIST);
+        }
+        self.dir_mut(new_parent)?
+            .entries
+            .insert(new_name.to_owned(), ino);
+        Ok(())
+    }
+
     /// Removes the file `name` from `parent`.
     pub fn unlink(&mut self, parent: u64, name: &OsStr) -> Result<(), Errno> {
         let ino = self.lookup(parent, name)?;
@@ -627,5 +643,29 @@ mod tests {
         m.rename(ROOT, name("g"), e, name("f"), false)
             .expect("replace");
         assert_eq!(m.entries(e).expect("entries").len(), 1);
+        assert_eq!(m.link(d, ROOT, name("h")), Err(libc::EPERM));
+    }
+
+    #[test]
+    fn a_hard_link_outlives_the_unlink_of_the_first_name() {
+        let mut m = Model::new();
+        let f = m.create(ROOT, name("sst"), false, 0o644).expect("create");
+        m.write(f, 0, b"table").expect("write");
+        m.sync(f).expect("sync");
+        let d = m
+            .create(ROOT, name("checkpoint"), true, 0o755)
+            .expect("mkdir");
+        m.link(f, d, name("sst")).expect("link");
+        assert_eq!(m.link(f, d, name("sst")), Err(libc::EEXIST));
+        m.unlink(ROOT, name("sst")).expect("unlink");
+        let linked = m.lookup(d, name("sst")).expect("lookup");
+        assert_eq!(m.read(linked, 0, 10), Ok(&b"table"[..]));
+        m.sync(d).expect("sync");
+        m.sync(ROOT).expect("sync root");
+        let (dir, report) = cut(&mut m, Loss::Unsynced, 1);
+        let bytes = std::fs::read(dir.path().join("checkpoint/sst")).expect("sst");
+        assert_eq!(bytes, b"table");
+        assert!(!dir.path().join("sst").exists());
+        assert_eq!(report.files, 1);
     }
 }
