@@ -42,6 +42,8 @@ const BODY_LEN: usize = 512;
 const PRODUCERS: usize = 3;
 /// Receipts before the cut.
 const RECEIPTS: usize = 400;
+/// `replication_log_batches` of the test of a single power cut.
+const LOG_BATCHES: u64 = 200;
 /// How long a WAITING server waits for its peer before it serves alone.
 const MAX_WAIT_MS: u64 = 3000;
 
@@ -78,15 +80,16 @@ impl Drop for Powered {
     }
 }
 
-/// A pair whose `run/` directories are power-loss mounts, started, with
-/// its roles: `(pair, mounts, active, passive)`.
-fn powered_pair() -> Result<(Powered, usize, usize)> {
+/// A pair whose `run/` directories are power-loss mounts, with `[ha]` keys
+/// changed in both profiles, started: `(pair and mounts, active, passive)`.
+fn powered_pair(ha: &[(&'static str, &str)]) -> Result<(Powered, usize, usize)> {
     let pair = LocalPair::new("fmq-power-test-");
     pair.create_lock_file();
     let mut mounts = Vec::new();
     for i in [PRIMARY, SECONDARY] {
         let mut changes = pair.local_changes(i);
         changes.push(("ha", "max_wait_timeout", MAX_WAIT_MS.to_string()));
+        changes.extend(ha.iter().map(|(k, v)| ("ha", *k, v.to_string())));
         pair.write_profile(i, &replicated_profile(pair.nodes[i].name, &changes));
         std::fs::create_dir_all(pair.run_dir(i))?;
         mounts.push(Some(
@@ -187,7 +190,7 @@ fn load() -> Workload {
 
 async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (mut powered, active, passive) = powered_pair()?;
+    let (mut powered, active, passive) = powered_pair(&[])?;
     let Powered { pair, mounts } = &mut powered;
     let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
     let stop = Arc::new(AtomicBool::new(false));
@@ -228,11 +231,14 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
 /// The active's host loses power alone: the passive takes over with every
 /// receipted message and serves on; the old active comes back from what its
 /// disk held (its unsynced tail gone, torn pages in its write-ahead log)
-/// and rejoins as PASSIVE at the same position; the survivor then serves
-/// every receipted message, from before and after the cut, once.
+/// and rejoins as PASSIVE at the same position, through a checkpoint, as
+/// the survivor's batch log no longer reaches back to it; the survivor
+/// then serves every receipted message, from before and after the cut,
+/// once.
 async fn power_cut_of_the_active() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (mut powered, active, passive) = powered_pair()?;
+    let (mut powered, active, passive) =
+        powered_pair(&[("replication_log_batches", &LOG_BATCHES.to_string())])?;
     let Powered { pair, mounts } = &mut powered;
     let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
     let stop = Arc::new(AtomicBool::new(false));
@@ -265,7 +271,9 @@ async fn power_cut_of_the_active() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    wait_receipts(pair, &live, receipts(&live) + RECEIPTS / 2).await?;
+    // More batches than the survivor's log keeps: the old active gets a
+    // checkpoint (hard links of the survivor's files) rather than batches.
+    wait_receipts(pair, &live, receipts(&live) + 2 * LOG_BATCHES as usize).await?;
 
     // The old active, from its disk image, rejoins.
     move_entries(&image, &pair.run_dir(active))?;
@@ -279,6 +287,12 @@ async fn power_cut_of_the_active() -> Result<()> {
     let reports = producers.finish().await?;
     let seq = pair.store_sequence(passive)?;
     let at = pair.wait_same_position(seq, Duration::from_secs(30))?;
+    let out = pair.output(active);
+    assert!(
+        out.contains("checkpoint from the active server installed"),
+        "{} rejoined without a checkpoint:\n{out}",
+        pair.nodes[active].name
+    );
     let diverged = pair.ha(active)?["diverged"].clone();
     println!("same position {at:?}; divergent batches saved aside: {diverged}");
     print!("after the rejoin, ");

@@ -36,6 +36,11 @@ use crate::ha::{
 use crate::profile::Profile;
 use crate::run::{open_store, start_broker_on};
 
+/// Replication streams ending in a row before the passive caught up, from
+/// which each end is a warning rather than news: one or two are a passive
+/// that restarted or a link that blinked, more is a cause that repeats.
+const FAILED_CATCH_UPS_WARN: u32 = 3;
+
 /// This server's own store, which a checkpoint from the active may replace.
 #[derive(Debug)]
 struct LocalReplica {
@@ -300,6 +305,9 @@ pub async fn run(
     let mut source_task: Option<JoinHandle<()>> = None;
     let mut sink_task: Option<JoinHandle<()>> = None;
     let mut generation: u64 = 0;
+    // Replication streams to the passive that ended before it caught up,
+    // in a row.
+    let mut failed_catch_ups: u32 = 0;
     let mut since = Instant::now();
     let mut fatal: Option<anyhow::Error> = None;
     let mut diverged: Vec<serde_json::Value> = Vec::new();
@@ -488,6 +496,7 @@ pub async fn run(
                 Note::Probe(ok) => events.push_back(Event::GatewayProbe { ok }),
                 Note::Source { generation: g, event: SourceEvent::InSync } if g == generation => {
                     tracing::info!("the passive server has caught up");
+                    failed_catch_ups = 0;
                     events.push_back(Event::SyncComplete);
                 }
                 Note::SourceEnded { generation: g, reason } if g == generation => {
@@ -495,7 +504,15 @@ pub async fn run(
                     // the peer also reports WAITING (it resyncs) or, once
                     // the link is down, after it has confirmed the lock and
                     // gateway.
-                    tracing::info!(%reason, "replication to the passive server ended");
+                    failed_catch_ups += 1;
+                    if failed_catch_ups >= FAILED_CATCH_UPS_WARN {
+                        // The same cause, retried every few hundred ms (a
+                        // checkpoint the store cannot make, say): the pair
+                        // is not redundant until someone acts on it.
+                        tracing::warn!(%reason, attempts = failed_catch_ups, "replication to the passive server keeps failing before it catches up");
+                    } else {
+                        tracing::info!(%reason, "replication to the passive server ended");
+                    }
                     source_task = None;
                     events.push_back(Event::ReplicationFailed { reason });
                 }
