@@ -31,6 +31,7 @@ use tokio_util::codec::Framed;
 pub mod load;
 pub mod netns;
 pub mod pair;
+pub mod power;
 pub mod samples;
 
 pub use samples::{longest_double_active, sample_states, Sample};

@@ -11,7 +11,12 @@
 //! - in network namespaces only (the second test, as root): the HA link
 //!   cut for 0.5–4 s, and the serving server cut from its peer and the
 //!   gateway for 1–4 s (the client links stay up, as in
-//!   `t13_replicated_ha_netns`).
+//!   `t13_replicated_ha_netns`);
+//! - on power-loss disks only (the third test, as root: `/dev/fuse`): a
+//!   power cut of either server's disk (a torn cut of an `fmq-powerloss`
+//!   mount, then `kill -9`), the disk back after 0.2–2 s holding only what
+//!   the server had synced (and a random part of the rest), and the server
+//!   restarted on it.
 //!
 //! Each fault waits until the pair can take it within the guarantees of
 //! `docs/ha-replicated.md`: a fault that ends the serving server's service
@@ -44,15 +49,15 @@
 //! `FMQ_NEMESIS_FAULTS=N` sets its length (default 8). A failure prints the
 //! seed, the schedule and what each fault met; with
 //! `FMQ_NEMESIS_KEEP_LOGS=DIR` it also copies every process's whole console
-//! output to `DIR` (nothing is kept otherwise). The two tests run one at a
-//! time, and the namespace one also one at a time with
+//! output to `DIR` (nothing is kept otherwise). The three tests run one at
+//! a time, and the namespace one also one at a time with
 //! `t13_replicated_ha_netns` across processes (see
 //! [`fmq_tests::netns::host_lock`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +69,7 @@ use fmq_tests::load::{
 };
 use fmq_tests::netns::{prerequisites, NsPair, LINKS, LINK_AB};
 use fmq_tests::pair::{HaPair, LocalPair, PRIMARY, SECONDARY};
+use fmq_tests::power::PoweredPair;
 use fmq_tests::replicated_profile;
 use fmq_tests::samples::{
     as_serving, longest_double_active, overlapping_serving, points, serving, show, spans, Samplers,
@@ -129,13 +135,47 @@ enum Kind {
     /// Cut the serving server from its peer and the gateway; heal after
     /// `hold`.
     IsolateActive,
+    /// Cut the power of the serving server's disk and kill it; bring the
+    /// disk back and restart it after `hold`.
+    PowerCutActive,
+    /// The same, to the other server.
+    PowerCutPassive,
 }
+
+/// The kinds of the loopback test.
+const LOOPBACK: &[Kind] = &[
+    Kind::KillActive,
+    Kind::KillPassive,
+    Kind::StopActive,
+    Kind::StopPassive,
+];
+/// The kinds of the test in network namespaces.
+const NAMESPACES: &[Kind] = &[
+    Kind::KillActive,
+    Kind::KillPassive,
+    Kind::StopActive,
+    Kind::StopPassive,
+    Kind::CutHaLink,
+    Kind::IsolateActive,
+];
+/// The kinds of the test on power-loss disks.
+const POWER: &[Kind] = &[
+    Kind::KillActive,
+    Kind::KillPassive,
+    Kind::StopActive,
+    Kind::StopPassive,
+    Kind::PowerCutActive,
+    Kind::PowerCutPassive,
+];
 
 impl Kind {
     /// Whether the fault ends the serving server's service, so it may only
     /// strike while the other one is an in-sync PASSIVE.
     fn needs_in_sync_passive(self) -> bool {
-        matches!(self, Kind::KillActive | Kind::IsolateActive)
+        matches!(
+            self,
+            Kind::KillActive | Kind::IsolateActive | Kind::PowerCutActive
+        )
     }
 
     /// Whether it targets the serving server (else the other one, or the
@@ -143,7 +183,7 @@ impl Kind {
     fn on_active(self) -> bool {
         matches!(
             self,
-            Kind::KillActive | Kind::StopActive | Kind::IsolateActive
+            Kind::KillActive | Kind::StopActive | Kind::IsolateActive | Kind::PowerCutActive
         )
     }
 }
@@ -156,6 +196,8 @@ struct Fault {
     hold: Duration,
     /// The pause after it is undone.
     pause: Duration,
+    /// The torn-page choices of a power cut (0 for other kinds).
+    torn_seed: u64,
 }
 
 impl fmt::Display for Fault {
@@ -173,31 +215,24 @@ impl fmt::Display for Fault {
                     "cut the serving server from peer and gateway for {hold} ms"
                 )
             }
+            Kind::PowerCutActive => write!(
+                f,
+                "power cut of the serving server's disk (torn, seed {}), back after {hold} ms",
+                self.torn_seed
+            ),
+            Kind::PowerCutPassive => write!(
+                f,
+                "power cut of the other server's disk (torn, seed {}), back after {hold} ms",
+                self.torn_seed
+            ),
         }?;
         write!(f, "; then {} ms pause", self.pause.as_millis())
     }
 }
 
-/// `faults` faults from `seed`; the partition kinds only if `partitions`.
-fn schedule(seed: u64, faults: usize, partitions: bool) -> Vec<Fault> {
+/// `faults` faults of `kinds` from `seed`.
+fn schedule(seed: u64, faults: usize, kinds: &[Kind]) -> Vec<Fault> {
     let mut rng = Rng(seed);
-    let kinds: &[Kind] = if partitions {
-        &[
-            Kind::KillActive,
-            Kind::KillPassive,
-            Kind::StopActive,
-            Kind::StopPassive,
-            Kind::CutHaLink,
-            Kind::IsolateActive,
-        ]
-    } else {
-        &[
-            Kind::KillActive,
-            Kind::KillPassive,
-            Kind::StopActive,
-            Kind::StopPassive,
-        ]
-    };
     (0..faults)
         .map(|_| {
             let kind = kinds[(rng.next() % kinds.len() as u64) as usize];
@@ -206,11 +241,20 @@ fn schedule(seed: u64, faults: usize, partitions: bool) -> Vec<Fault> {
                 Kind::StopActive | Kind::StopPassive => rng.millis(200, 3000),
                 Kind::CutHaLink => rng.millis(500, 4000),
                 Kind::IsolateActive => rng.millis(1000, 4000),
+                Kind::PowerCutActive | Kind::PowerCutPassive => rng.millis(200, 2000),
+            };
+            let pause = rng.millis(200, 1500);
+            // Drawn only for power cuts, so the other tests' seeds keep
+            // their schedules.
+            let torn_seed = match kind {
+                Kind::PowerCutActive | Kind::PowerCutPassive => rng.next(),
+                _ => 0,
             };
             Fault {
                 kind,
                 hold,
-                pause: rng.millis(200, 1500),
+                pause,
+                torn_seed,
             }
         })
         .collect()
@@ -308,18 +352,34 @@ trait Rig: HaPair {
     fn cut_ha_link(&self, cut: bool) -> Result<()>;
     /// Cuts (or heals) server `i` from its peer and the gateway.
     fn isolate(&self, i: usize, cut: bool) -> Result<()>;
+    /// Cuts the power of server `i`'s disk (a torn cut from `seed`) and
+    /// kills it; returns what its disk held.
+    fn cut_power(&mut self, _i: usize, _seed: u64) -> Result<PathBuf> {
+        bail!("this set-up has no power-loss disks")
+    }
+    /// Brings server `i`'s disk back holding `image`, and starts it.
+    fn restore_power(&mut self, _i: usize, _image: &Path) -> Result<()> {
+        bail!("this set-up has no power-loss disks")
+    }
     /// The temporary directory with every process's console output.
     fn dir(&self) -> &Path;
 }
 
-/// The shipped replicated profiles on loopback with free ports.
-fn local_pair() -> Result<LocalPair> {
-    let mut pair = LocalPair::new("fmq-nemesis-");
+/// The shipped replicated profiles on loopback with free ports, not
+/// started.
+fn profiled_pair() -> LocalPair {
+    let pair = LocalPair::new("fmq-nemesis-");
     pair.create_lock_file();
     for i in [PRIMARY, SECONDARY] {
         let text = replicated_profile(pair.nodes[i].name, &pair.local_changes(i));
         pair.write_profile(i, &text);
     }
+    pair
+}
+
+/// [`profiled_pair`], started.
+fn local_pair() -> Result<LocalPair> {
+    let mut pair = profiled_pair();
     pair.start_all()?;
     Ok(pair)
 }
@@ -401,6 +461,52 @@ impl Rig for NsPair {
 
     fn dir(&self) -> &Path {
         self.root.path()
+    }
+}
+
+impl Rig for PoweredPair {
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.pair.nodes[i].addr()
+    }
+
+    fn poll(&self, i: usize) -> Box<dyn Fn() -> Option<String> + Send> {
+        Box::new(self.pair.poll(i))
+    }
+
+    fn start(&mut self, i: usize) -> Result<()> {
+        self.pair.start(i)
+    }
+
+    fn kill9(&mut self, i: usize) {
+        self.pair.kill9(i)
+    }
+
+    fn signal(&self, i: usize, sig: Signal) {
+        self.pair.signal(i, sig)
+    }
+
+    fn cut_ha_link(&self, _cut: bool) -> Result<()> {
+        bail!("no network to partition on loopback")
+    }
+
+    fn isolate(&self, _i: usize, _cut: bool) -> Result<()> {
+        bail!("no network to partition on loopback")
+    }
+
+    fn cut_power(&mut self, i: usize, seed: u64) -> Result<PathBuf> {
+        let (image, cut) = PoweredPair::cut_power(self, i, seed)?;
+        self.pair.kill9(i);
+        println!("  power cut of {}: {cut:?}", self.pair.nodes[i].name);
+        Ok(image)
+    }
+
+    fn restore_power(&mut self, i: usize, image: &Path) -> Result<()> {
+        self.restore(i, image)?;
+        self.pair.start(i)
+    }
+
+    fn dir(&self) -> &Path {
+        self.pair.root.path()
     }
 }
 
@@ -491,6 +597,11 @@ async fn strike(rig: &mut impl Rig, fault: Fault, t0: Instant) -> Result<Applied
             rig.isolate(i, true)?;
             tokio::time::sleep(fault.hold).await;
             rig.isolate(i, false)?;
+        }
+        Kind::PowerCutActive | Kind::PowerCutPassive => {
+            let image = rig.cut_power(i, fault.torn_seed)?;
+            tokio::time::sleep(fault.hold).await;
+            tokio::task::block_in_place(|| rig.restore_power(i, &image))?;
         }
     }
     let undone = t0.elapsed();
@@ -724,8 +835,8 @@ fn judge(
 
 /// Runs the whole test against `rig`; prints the summary; fails, with the
 /// seed and the schedule, on any violation.
-async fn nemesis(rig: &mut impl Rig, plan: Plan, test: &str, partitions: bool) -> Result<()> {
-    let faults = schedule(plan.seed, plan.faults, partitions);
+async fn nemesis(rig: &mut impl Rig, plan: Plan, test: &str, kinds: &[Kind]) -> Result<()> {
+    let faults = schedule(plan.seed, plan.faults, kinds);
     println!(
         "nemesis seed {} with {} faults (replay: {})",
         plan.seed,
@@ -831,7 +942,13 @@ async fn random_kills_and_stops_on_loopback() -> Result<()> {
          random_faults_with_partitions_in_namespaces runs them, as root"
     );
     let mut pair = tokio::task::block_in_place(local_pair)?;
-    nemesis(&mut pair, plan, "random_kills_and_stops_on_loopback", false).await
+    nemesis(
+        &mut pair,
+        plan,
+        "random_kills_and_stops_on_loopback",
+        LOOPBACK,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -844,16 +961,56 @@ async fn random_faults_with_partitions_in_namespaces() -> Result<()> {
     let plan = Plan::from_env()?;
     let mut pair = NsPair::new("t14")?;
     tokio::task::block_in_place(|| pair.start_all())?;
-    nemesis(&mut pair, plan, TEST, true).await
+    nemesis(&mut pair, plan, TEST, NAMESPACES).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_kills_stops_and_power_cuts_on_loopback() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let plan = Plan::from_env()?;
+    let mut pair = tokio::task::block_in_place(|| -> Result<PoweredPair> {
+        let mut powered = PoweredPair::new(profiled_pair())?;
+        powered.pair.start_all()?;
+        Ok(powered)
+    })?;
+    nemesis(
+        &mut pair,
+        plan,
+        "random_kills_stops_and_power_cuts_on_loopback",
+        POWER,
+    )
+    .await
+}
+
+/// The kinds of `schedule(7, 6, LOOPBACK)`, as this test's generator has
+/// always drawn them.
+const KINDS_OF_SEED_7: [Kind; 6] = [
+    Kind::StopPassive,
+    Kind::StopPassive,
+    Kind::StopActive,
+    Kind::KillPassive,
+    Kind::StopActive,
+    Kind::KillActive,
+];
 
 #[test]
 fn a_seed_always_gives_the_same_schedule() {
-    let a = schedule(42, 20, true);
-    let b = schedule(42, 20, true);
+    let a = schedule(42, 20, NAMESPACES);
+    let b = schedule(42, 20, NAMESPACES);
     assert_eq!(format!("{a:?}"), format!("{b:?}"));
-    assert!(schedule(42, 20, false)
+    assert!(schedule(42, 20, LOOPBACK)
         .iter()
-        .all(|f| !matches!(f.kind, Kind::CutHaLink | Kind::IsolateActive)));
-    assert_ne!(format!("{a:?}"), format!("{:?}", schedule(43, 20, true)));
+        .all(|f| LOOPBACK.contains(&f.kind) && f.torn_seed == 0));
+    assert_ne!(
+        format!("{a:?}"),
+        format!("{:?}", schedule(43, 20, NAMESPACES))
+    );
+    let power = schedule(42, 40, POWER);
+    assert!(power.iter().any(
+        |f| matches!(f.kind, Kind::PowerCutActive | Kind::PowerCutPassive) && f.torn_seed != 0
+    ));
+    // The loopback schedule of a seed is the one it was before power cuts
+    // existed (they draw their own numbers only when they occur).
+    let kinds: Vec<Kind> = schedule(7, 6, LOOPBACK).iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, KINDS_OF_SEED_7);
 }

@@ -13,9 +13,8 @@
 //! cannot test that, as the page cache survives it; here each server's
 //! `run/` directory (where it creates its store directory, `run/db`) is an
 //! `fmq-powerloss` FUSE mount, which keeps only what was synced (plus, at
-//! this torn cut, a random part of the rest) when its power is cut. The
-//! image of a disk replaces its `run/` directory before that server starts
-//! again. The server that serves last is drained: every receipted id must
+//! this torn cut, a random part of the rest) when its power is cut. A disk
+//! comes back holding its image before its server starts again. The server that serves last is drained: every receipted id must
 //! be there, once, with its body.
 //!
 //! The mounts need `/dev/fuse` and root, as CI has. The torn cut's page
@@ -23,18 +22,19 @@
 //! (the moment of the cut depends on timing).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use fmq_powerloss::{seed, Loss, Mount, SEED_VAR};
+use anyhow::{bail, Result};
+use fmq_powerloss::{seed, SEED_VAR};
 use fmq_tests::load::{
     drain_pipelined, duplicates, first_receipt_from, sample, ProducerReport, Producers, Receipted,
     Workload,
 };
 use fmq_tests::pair::{HaPair, LocalPair, PRIMARY, SECONDARY};
+use fmq_tests::power::PoweredPair;
 use fmq_tests::replicated_profile;
 
 const DEST: &str = "/queue/rpl.power";
@@ -55,48 +55,18 @@ enum Survivor {
     OldPassive,
 }
 
-/// Moves every entry of `from` into the empty directory `to`.
-fn move_entries(from: &Path, to: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        std::fs::rename(entry.path(), to.join(entry.file_name()))
-            .with_context(|| format!("moving {} into {}", entry.path().display(), to.display()))?;
-    }
-    Ok(())
-}
-
-/// A pair and the power-loss mounts of its `run/` directories. Dropping it
-/// kills the servers before it unmounts their disks.
-struct Powered {
-    pair: LocalPair,
-    mounts: Vec<Option<Mount>>,
-}
-
-impl Drop for Powered {
-    fn drop(&mut self) {
-        self.pair.kill9(PRIMARY);
-        self.pair.kill9(SECONDARY);
-        self.mounts.clear();
-    }
-}
-
-/// A pair whose `run/` directories are power-loss mounts, with `[ha]` keys
-/// changed in both profiles, started: `(pair and mounts, active, passive)`.
-fn powered_pair(ha: &[(&'static str, &str)]) -> Result<(Powered, usize, usize)> {
+/// A pair on power-loss disks, with `[ha]` keys changed in both profiles,
+/// started: `(it, active, passive)`.
+fn powered_pair(ha: &[(&'static str, &str)]) -> Result<(PoweredPair, usize, usize)> {
     let pair = LocalPair::new("fmq-power-test-");
     pair.create_lock_file();
-    let mut mounts = Vec::new();
     for i in [PRIMARY, SECONDARY] {
         let mut changes = pair.local_changes(i);
         changes.push(("ha", "max_wait_timeout", MAX_WAIT_MS.to_string()));
         changes.extend(ha.iter().map(|(k, v)| ("ha", *k, v.to_string())));
         pair.write_profile(i, &replicated_profile(pair.nodes[i].name, &changes));
-        std::fs::create_dir_all(pair.run_dir(i))?;
-        mounts.push(Some(
-            Mount::new(&pair.run_dir(i)).context("power-loss mount")?,
-        ));
     }
-    let mut powered = Powered { pair, mounts };
+    let mut powered = PoweredPair::new(pair)?;
     powered.pair.start_all()?;
     let (active, passive) = powered.pair.wait_roles(Duration::from_secs(30))?;
     Ok((powered, active, passive))
@@ -122,18 +92,12 @@ async fn wait_receipts(pair: &LocalPair, live: &Mutex<Vec<Receipted>>, n: usize)
     Ok(())
 }
 
-/// Cuts the power of server `i`'s disk: its image is written to
-/// `root/image-i`, returned.
-fn cut_power(pair: &LocalPair, mounts: &[Option<Mount>], i: usize, seed: u64) -> Result<PathBuf> {
-    let image = pair.root.path().join(format!("image-{i}"));
-    std::fs::create_dir(&image)?;
-    let mount = mounts[i]
-        .as_ref()
-        .ok_or_else(|| anyhow!("{} has no mount", pair.nodes[i].name))?;
-    let cut = mount.power_off(Loss::Torn, seed, &image)?;
+/// Cuts the power of server `i`'s disk; returns its image.
+fn cut_power(powered: &mut PoweredPair, i: usize, seed: u64) -> Result<PathBuf> {
+    let (image, cut) = powered.cut_power(i, seed)?;
     println!(
         "power cut of {} ({SEED_VAR}={seed}): {cut:?}",
-        pair.nodes[i].name
+        powered.pair.nodes[i].name
     );
     Ok(image)
 }
@@ -188,38 +152,70 @@ fn load() -> Workload {
     }
 }
 
-async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
-    let _serial = SERIAL.lock().await;
-    let (mut powered, active, passive) = powered_pair(&[])?;
-    let Powered { pair, mounts } = &mut powered;
-    let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
+/// A powered pair under load: the producers started on the active and
+/// [`RECEIPTS`] receipts in.
+struct Loaded {
+    powered: PoweredPair,
+    active: usize,
+    passive: usize,
+    stop: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<Receipted>>>,
+    producers: Producers,
+}
+
+/// [`powered_pair`] with `ha`, then the load until [`RECEIPTS`] receipts.
+async fn loaded_pair(ha: &[(&'static str, &str)]) -> Result<Loaded> {
+    let (powered, active, passive) = powered_pair(ha)?;
+    let addrs = [
+        powered.pair.nodes[PRIMARY].addr(),
+        powered.pair.nodes[SECONDARY].addr(),
+    ];
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(Mutex::new(Vec::new()));
     let producers = Producers::start(PRODUCERS, load(), addrs, active, &stop, &live);
-    wait_receipts(pair, &live, RECEIPTS).await?;
+    wait_receipts(&powered.pair, &live, RECEIPTS).await?;
+    Ok(Loaded {
+        powered,
+        active,
+        passive,
+        stop,
+        live,
+        producers,
+    })
+}
+
+async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Loaded {
+        mut powered,
+        active,
+        passive,
+        stop,
+        live,
+        producers,
+    } = loaded_pair(&[]).await?;
 
     // Both disks at once (the active's first: from then on it can receipt
     // nothing more). A RECEIPT that arrives after the cut was for a batch
     // both servers synced before it, so every receipt counts.
     let seed = seed();
     let images = [
-        cut_power(pair, mounts, active, seed)?,
-        cut_power(pair, mounts, passive, seed + 1)?,
+        cut_power(&mut powered, active, seed)?,
+        cut_power(&mut powered, passive, seed + 1)?,
     ];
     let at_cut = receipts(&live);
-    pair.kill9(active);
-    pair.kill9(passive);
+    powered.pair.kill9(active);
+    powered.pair.kill9(passive);
     stop.store(true, Ordering::Relaxed);
     let reports = producers.finish().await?;
-    mounts.clear();
 
-    // Each `run/` now holds what its disk held.
-    move_entries(&images[0], &pair.run_dir(active))?;
-    move_entries(&images[1], &pair.run_dir(passive))?;
+    // Only one disk comes back, holding what it held at the cut.
     let back = match survivor {
         Survivor::OldActive => active,
         Survivor::OldPassive => passive,
     };
+    powered.restore(back, &images[usize::from(back == passive)])?;
+    let pair = &mut powered.pair;
     pair.start(back)?;
     pair.wait_state(back, "STANDALONE", Duration::from_secs(30))?;
     print!("alone after the cut, ");
@@ -237,20 +233,20 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
 /// once.
 async fn power_cut_of_the_active() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let (mut powered, active, passive) =
-        powered_pair(&[("replication_log_batches", &LOG_BATCHES.to_string())])?;
-    let Powered { pair, mounts } = &mut powered;
-    let addrs = [pair.nodes[PRIMARY].addr(), pair.nodes[SECONDARY].addr()];
-    let stop = Arc::new(AtomicBool::new(false));
-    let live = Arc::new(Mutex::new(Vec::new()));
-    let producers = Producers::start(PRODUCERS, load(), addrs, active, &stop, &live);
-    wait_receipts(pair, &live, RECEIPTS).await?;
+    let Loaded {
+        mut powered,
+        active,
+        passive,
+        stop,
+        live,
+        producers,
+    } = loaded_pair(&[("replication_log_batches", &LOG_BATCHES.to_string())]).await?;
 
-    let image = cut_power(pair, mounts, active, seed())?;
+    let image = cut_power(&mut powered, active, seed())?;
     let at_cut = receipts(&live);
     let cut_at = Instant::now();
-    pair.kill9(active);
-    mounts[active] = None;
+    powered.pair.kill9(active);
+    let pair = &mut powered.pair;
     let took = pair.wait_state(passive, "STANDALONE", Duration::from_secs(20));
     if took.is_err() {
         stop.store(true, Ordering::Relaxed);
@@ -276,7 +272,8 @@ async fn power_cut_of_the_active() -> Result<()> {
     wait_receipts(pair, &live, receipts(&live) + 2 * LOG_BATCHES as usize).await?;
 
     // The old active, from its disk image, rejoins.
-    move_entries(&image, &pair.run_dir(active))?;
+    powered.restore(active, &image)?;
+    let pair = &mut powered.pair;
     pair.start(active)?;
     let rejoined = pair.wait_state(active, "PASSIVE", Duration::from_secs(60));
     stop.store(true, Ordering::Relaxed);

@@ -25,6 +25,14 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// Reading the directory tree a file system starts with failed.
+    #[error("importing {path}: {source}")]
+    Import {
+        /// The file or directory being read.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The durable directory tree is deeper than any real store's.
     #[error("the durable directory tree is deeper than {0} levels (a rename cycle?)")]
     TooDeep(usize),

@@ -76,7 +76,18 @@ impl Mount {
     /// Mounts an empty file system on `path` (an existing directory),
     /// served by a thread of this process.
     pub fn new(path: &Path) -> Result<Mount> {
-        let model = Arc::new(Mutex::new(Model::new()));
+        Mount::with_model(path, Model::new())
+    }
+
+    /// Mounts on `path` a file system holding a copy of the directory tree
+    /// `contents`, all of it synced: a disk that comes back after a power
+    /// cut, from the image [`Mount::power_off`] wrote.
+    pub fn with_contents(path: &Path, contents: &Path) -> Result<Mount> {
+        Mount::with_model(path, Model::import(contents)?)
+    }
+
+    fn with_model(path: &Path, model: Model) -> Result<Mount> {
+        let model = Arc::new(Mutex::new(model));
         let fs = PowerLossFs {
             model: model.clone(),
             uid: nix::unistd::getuid().as_raw(),
