@@ -154,6 +154,19 @@ pub enum Action {
     Log(String),
 }
 
+/// Longest wait before a passive retries replication after failures in a
+/// row.
+pub const SINK_RETRY_MAX_MS: u64 = 10_000;
+
+/// The wait before retrying replication after `failures` failed streams
+/// in a row before this one: `base`, doubled for each, at most
+/// [`SINK_RETRY_MAX_MS`] (and never below `base`).
+fn sink_retry_after(base: u64, failures: u32) -> u64 {
+    base.saturating_mul(1u64 << failures.min(16))
+        .min(SINK_RETRY_MAX_MS)
+        .max(base)
+}
+
 /// Timer settings, from the profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timings {
@@ -202,6 +215,12 @@ pub struct Machine {
     check: Option<Check>,
     /// Replication failed; wait for SinkRetry before trying again.
     sink_backoff: bool,
+    /// Replication streams in a row that failed before this server was in
+    /// sync (PASSIVE): each doubles the wait before the next, up to
+    /// [`SINK_RETRY_MAX_MS`], so a cause that repeats (a checkpoint the
+    /// active cannot make, a full disk here) does not cost the active a
+    /// catch-up every few hundred milliseconds.
+    sink_failures: u32,
     /// ACTIVE: the stream that brought the passive in sync is still up. A
     /// peer report of WAITING then predates that stream (the peer's state
     /// travels on the HA link, its batches on their own connection, and
@@ -232,6 +251,7 @@ impl Machine {
             starting: false,
             check: None,
             sink_backoff: false,
+            sink_failures: 0,
             feeding: false,
         }
     }
@@ -453,7 +473,10 @@ impl Machine {
                     self.feeding = true;
                     out.push(Action::RequireSync(true));
                 }
-                State::PassiveSync => self.set_state(State::Passive, &mut out),
+                State::PassiveSync => {
+                    self.sink_failures = 0;
+                    self.set_state(State::Passive, &mut out);
+                }
                 _ => {}
             },
             Event::ReplicationFailed { reason } => {
@@ -478,10 +501,16 @@ impl Machine {
                     )));
                     out.push(Action::StopSink);
                     self.sink_backoff = true;
+                    // A PASSIVE was in sync: its first failure retries at
+                    // once; failures before sync back off.
+                    if self.state == State::Passive {
+                        self.sink_failures = 0;
+                    }
                     out.push(Action::Schedule {
                         timer: Timer::SinkRetry,
-                        after_ms: self.timings.sink_retry_ms,
+                        after_ms: sink_retry_after(self.timings.sink_retry_ms, self.sink_failures),
                     });
+                    self.sink_failures = self.sink_failures.saturating_add(1);
                     // An in-sync PASSIVE stays a valid stand-in (its stream
                     // often breaks just before the link reports the active's
                     // death); one still catching up waits for its peer.
@@ -1334,6 +1363,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The SinkRetry wait scheduled by `actions`.
+    fn sink_retry(actions: &[Action]) -> Option<u64> {
+        actions.iter().find_map(|a| match a {
+            Action::Schedule {
+                timer: Timer::SinkRetry,
+                after_ms,
+            } => Some(*after_ms),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn failed_catch_ups_in_a_row_back_off_and_sync_resets_them() {
+        let mut m = following(State::PassiveSync);
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let actions = m.handle(Event::ReplicationFailed {
+                reason: "checkpoint failed".into(),
+            });
+            assert_eq!(m.state(), State::Waiting, "{actions:?}");
+            waits.push(sink_retry(&actions).expect("a retry is scheduled"));
+            let actions = m.handle(Event::Timer(Timer::SinkRetry));
+            assert!(actions.contains(&Action::StartSink), "{actions:?}");
+            assert_eq!(m.state(), State::PassiveSync, "{actions:?}");
+        }
+        assert_eq!(waits, [1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]);
+        // In sync again: the next failure retries after the base wait.
+        m.handle(Event::SyncComplete);
+        assert_eq!(m.state(), State::Passive);
+        let actions = m.handle(Event::ReplicationFailed {
+            reason: "link blinked".into(),
+        });
+        assert_eq!(sink_retry(&actions), Some(1000), "{actions:?}");
+        assert_eq!(sink_retry_after(200, 0), 200);
+        assert_eq!(sink_retry_after(200, 40), SINK_RETRY_MAX_MS);
+        assert_eq!(sink_retry_after(20_000, 3), 20_000, "never below the base");
     }
 
     #[test]
