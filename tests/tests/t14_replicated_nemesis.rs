@@ -500,9 +500,8 @@ impl Rig for PoweredPair {
     }
 
     fn cut_power(&mut self, i: usize, seed: u64) -> Result<PathBuf> {
-        let (image, cut) = PoweredPair::cut_power(self, i, seed)?;
+        let image = PoweredPair::cut_power(self, i, seed)?;
         self.pair.kill9(i);
-        println!("  power cut of {}: {cut:?}", self.pair.nodes[i].name);
         Ok(image)
     }
 

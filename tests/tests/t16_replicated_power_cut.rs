@@ -22,7 +22,6 @@
 //! (the moment of the cut depends on timing).
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -90,16 +89,6 @@ async fn wait_receipts(pair: &LocalPair, live: &Mutex<Vec<Receipted>>, n: usize)
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
-}
-
-/// Cuts the power of server `i`'s disk; returns its image.
-fn cut_power(powered: &mut PoweredPair, i: usize, seed: u64) -> Result<PathBuf> {
-    let (image, cut) = powered.cut_power(i, seed)?;
-    println!(
-        "power cut of {} ({SEED_VAR}={seed}): {cut:?}",
-        powered.pair.nodes[i].name
-    );
-    Ok(image)
 }
 
 /// Checks what server `i` serves of the load: every receipted id once,
@@ -199,9 +188,10 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
     // nothing more). A RECEIPT that arrives after the cut was for a batch
     // both servers synced before it, so every receipt counts.
     let seed = seed();
+    println!("{SEED_VAR}={seed}");
     let images = [
-        cut_power(&mut powered, active, seed)?,
-        cut_power(&mut powered, passive, seed + 1)?,
+        powered.cut_power(active, seed)?,
+        powered.cut_power(passive, seed + 1)?,
     ];
     let at_cut = receipts(&live);
     powered.pair.kill9(active);
@@ -242,7 +232,9 @@ async fn power_cut_of_the_active() -> Result<()> {
         producers,
     } = loaded_pair(&[("replication_log_batches", &LOG_BATCHES.to_string())]).await?;
 
-    let image = cut_power(&mut powered, active, seed())?;
+    let seed = seed();
+    println!("{SEED_VAR}={seed}");
+    let image = powered.cut_power(active, seed)?;
     let at_cut = receipts(&live);
     let cut_at = Instant::now();
     powered.pair.kill9(active);

@@ -501,11 +501,8 @@ impl Machine {
                     )));
                     out.push(Action::StopSink);
                     self.sink_backoff = true;
-                    // A PASSIVE was in sync: its first failure retries at
-                    // once; failures before sync back off.
-                    if self.state == State::Passive {
-                        self.sink_failures = 0;
-                    }
+                    // A PASSIVE's count was reset when it got in sync, so
+                    // its first failure retries after the base wait.
                     out.push(Action::Schedule {
                         timer: Timer::SinkRetry,
                         after_ms: sink_retry_after(self.timings.sink_retry_ms, self.sink_failures),

@@ -1278,9 +1278,7 @@ fn sync_dir_files(dir: &Path) -> Result<(), String> {
             .and_then(|f| f.sync_all())
             .map_err(|e| format!("syncing {}: {e}", path.display()))?;
     }
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| format!("syncing {}: {e}", dir.display()))
+    fmq_store::durable::sync_dir(dir).map_err(|e| format!("syncing {}: {e}", dir.display()))
 }
 
 /// Magic first line of a divergent-batches file.

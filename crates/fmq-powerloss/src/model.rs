@@ -514,7 +514,6 @@ impl Model {
                     let bytes = on_disk(f, loss, rng, cut);
                     let mut out = std::fs::File::create(&child_path).map_err(image_err)?;
                     out.write_all(&bytes).map_err(image_err)?;
-                    out.sync_all().map_err(image_err)?;
                     cut.files += 1;
                 }
                 None => {}
