@@ -16,14 +16,18 @@
 //!   forked), then streams live batches and reads the passive's acks.
 //! - [`follow`]: the passive's side: it states its position and epoch
 //!   history, refuses an older epoch, installs a checkpoint when sent one,
-//!   applies batches in sequence order (pipelined: many commits in flight,
-//!   each acked once durable) and reports when it has caught up.
+//!   applies batches in sequence order and reports when it has caught up.
+//!   It writes in groups, on its own thread: every batch already received
+//!   goes into one store write and fsync ([`Store::commit_group_now`]),
+//!   then one ack confirms them all, and what arrives meanwhile forms the
+//!   next group. No hand-off to the store's writer thread and back on the
+//!   way from the socket to the ack.
 //!
-//! Both sides commit with [`Store::commit_as`], under the number the
-//! active gave the batch: a store that would number it otherwise (because
-//! something wrote to it around the stream) refuses it before writing, so a
-//! batch is never stored under another number on one server than on the
-//! other.
+//! Both sides store a batch under the number the active gave it
+//! ([`Store::commit_as`], [`Store::commit_group_now`]): a store that would
+//! number it otherwise (because something wrote to it around the stream)
+//! refuses it before writing, so a batch is never stored under another
+//! number on one server than on the other.
 //!
 //! # Wire
 //!
@@ -40,7 +44,6 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use fmq_store::epoch::{self, EpochStart, Position};
 use fmq_store::{Batch, Cf, Commit, LoggedBatch, Store};
-use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -53,8 +56,8 @@ use crate::lock::now_ms;
 const RING_BYTES: usize = 32 * 1024 * 1024;
 /// Size of the checkpoint file chunks sent to a passive.
 const CHUNK: usize = 1024 * 1024;
-/// Most batches a passive has committing at once.
-const MAX_IN_FLIGHT: usize = 4096;
+/// Most bytes of batches a passive writes as one group.
+const MAX_GROUP_BYTES: usize = 4 * 1024 * 1024;
 /// Most batches read from the store log at once.
 const LOG_READ_BATCHES: usize = 512;
 /// Most bytes read from the store log at once.
@@ -1052,6 +1055,10 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
 
 /// Follows the active on `wire` until the connection fails or the task is
 /// dropped. Returns why it ended.
+///
+/// It blocks its thread while it writes a group of batches (the write and
+/// its fsync): run it on a runtime of its own, on a thread that does
+/// nothing else. Dropped, it stops between two groups, never inside one.
 pub async fn follow(
     wire: Wire,
     replica: Arc<dyn Replica>,
@@ -1069,8 +1076,7 @@ async fn follow_inner(
     events: mpsc::Sender<SinkEvent>,
 ) -> Result<(), String> {
     let mut store = replica.store();
-    // Batches an earlier stream handed to the store may still be queued
-    // there (its task was dropped, its commits were not): wait for them, or
+    // Commits queued in the store before this stream must land first, or
     // the position sent below would be short of what the store will hold
     // and the active would send those batches again.
     store
@@ -1136,138 +1142,200 @@ async fn follow_inner(
     }
     let (mut tx, mut rx) = wire.split();
     // The active sends what follows the position it was told. A store
-    // written by someone else since then refuses the first batch
-    // (`commit_as`), and the next subscription starts from what it holds.
+    // written by someone else since then refuses the first group
+    // (`commit_group_now`), and the next subscription starts from what it
+    // holds.
     let mut expected = position.sequence + 1;
     let mut max_epoch = position.epoch.max(epoch);
-    let mut in_flight: FuturesOrdered<Commit> = FuturesOrdered::new();
     let mut insync_target: Option<u64> = None;
     let mut told_insync = false;
     let mut snapshot: Option<(PathBuf, u64)> = None;
     let mut applied = expected - 1;
     let mut last_report = (Instant::now(), applied);
+    // A frame read while gathering a group of batches that is not a batch.
+    let mut held: Option<Frame> = None;
     loop {
-        tokio::select! {
-            biased;
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                // Commits complete in order, so this is batch applied + 1.
-                applied = stored_as_sent(done, applied + 1)?;
-                // Coalesce: ack once for everything already done.
-                while let Some(Some(done)) = futures::FutureExt::now_or_never(in_flight.next()) {
-                    applied = stored_as_sent(done, applied + 1)?;
+        let frame = match held.take() {
+            Some(frame) => frame,
+            None => receive(&mut rx).await?,
+        };
+        match frame {
+            Frame::Batch {
+                epoch: e,
+                sequence,
+                bytes,
+            } => {
+                // The group: this batch and every whole frame already
+                // here, read without waiting. What arrives while it is
+                // written forms the next one, so under load each write
+                // and fsync covers many batches.
+                let mut group = Vec::new();
+                let mut group_bytes = 0;
+                // Why the stream ends after the group, and whether to tell
+                // the active with a Refuse: the batches before a bad frame
+                // are still written and acked.
+                let mut failed: Option<(String, bool)> = None;
+                let mut next = Some(Frame::Batch {
+                    epoch: e,
+                    sequence,
+                    bytes,
+                });
+                while let Some(frame) = next.take() {
+                    let Frame::Batch {
+                        epoch: e,
+                        sequence,
+                        bytes,
+                    } = frame
+                    else {
+                        held = Some(frame);
+                        break;
+                    };
+                    if e < max_epoch {
+                        failed = Some((format!("batch {sequence} of epoch {e} rejected: this server has seen epoch {max_epoch}"), true));
+                        break;
+                    }
+                    if sequence != expected {
+                        failed = Some((
+                            format!("replication gap: expected batch {expected}, got {sequence}"),
+                            false,
+                        ));
+                        break;
+                    }
+                    // The batch keeps the active's sync flag: what the
+                    // active made durable (a receipted SEND, a COMMIT) is
+                    // fsynced here before the ack, and a batch it only
+                    // wrote (an unreceipted ACK) is only written here, and
+                    // made durable by the next synced one, as there.
+                    match Batch::decode(&bytes) {
+                        Ok(batch) => group.push((sequence, batch)),
+                        Err(e) => {
+                            failed = Some((format!("batch {sequence}: {e}"), false));
+                            break;
+                        }
+                    }
+                    max_epoch = e;
+                    expected += 1;
+                    group_bytes += bytes.len();
+                    if group_bytes >= MAX_GROUP_BYTES {
+                        break;
+                    }
+                    next = match futures::FutureExt::now_or_never(receive(&mut rx)) {
+                        None => None,
+                        Some(Ok(frame)) => Some(frame),
+                        Some(Err(e)) => {
+                            failed = Some((e, false));
+                            break;
+                        }
+                    };
                 }
-                send(&mut tx, &Frame::Ack { sequence: applied }).await?;
-                if !told_insync && insync_target.is_some_and(|t| applied >= t) {
+                if let (Some(&(first, _)), Some(&(last, _))) = (group.first(), group.last()) {
+                    // Written here, on the follower's own thread (see
+                    // `follow`), under the numbers the active gave: a store
+                    // written by someone else since this stream began
+                    // refuses the group unwritten, rather than store it one
+                    // further on.
+                    applied = store.commit_group_now(&group).map_err(|e| {
+                        if first == last {
+                            format!("applying replicated batch {first}: {e}")
+                        } else {
+                            format!("applying replicated batches {first}..={last}: {e}")
+                        }
+                    })?;
+                    send(&mut tx, &Frame::Ack { sequence: applied }).await?;
+                    if !told_insync && insync_target.is_some_and(|t| applied >= t) {
+                        told_insync = true;
+                        let _ = events.send(SinkEvent::InSync).await;
+                    }
+                    if !told_insync && last_report.0.elapsed() >= Duration::from_secs(1) {
+                        let rate = (applied - last_report.1) as f64
+                            / last_report.0.elapsed().as_secs_f64();
+                        last_report = (Instant::now(), applied);
+                        let _ = events.send(SinkEvent::Progress { applied, rate }).await;
+                    }
+                }
+                if let Some((reason, refuse)) = failed {
+                    if refuse {
+                        let _ = send(
+                            &mut tx,
+                            &Frame::Refuse {
+                                reason: reason.clone(),
+                            },
+                        )
+                        .await;
+                    }
+                    return Err(reason);
+                }
+            }
+            Frame::InSync { sequence } => {
+                insync_target = Some(sequence);
+                if !told_insync && applied >= sequence {
                     told_insync = true;
+                    send(&mut tx, &Frame::Ack { sequence: applied }).await?;
                     let _ = events.send(SinkEvent::InSync).await;
                 }
-                if !told_insync && last_report.0.elapsed() >= Duration::from_secs(1) {
-                    let rate = (applied - last_report.1) as f64 / last_report.0.elapsed().as_secs_f64();
-                    last_report = (Instant::now(), applied);
-                    let _ = events.send(SinkEvent::Progress { applied, rate }).await;
-                }
             }
-            frame = receive(&mut rx), if in_flight.len() < MAX_IN_FLIGHT => {
-                match frame? {
-                    Frame::Batch { epoch: e, sequence, bytes } => {
-                        if e < max_epoch {
-                            let reason = format!("batch {sequence} of epoch {e} rejected: this server has seen epoch {max_epoch}");
-                            let _ = send(&mut tx, &Frame::Refuse { reason: reason.clone() }).await;
-                            return Err(reason);
-                        }
-                        max_epoch = e;
-                        if sequence != expected {
-                            return Err(format!("replication gap: expected batch {expected}, got {sequence}"));
-                        }
-                        // The batch keeps the active's sync flag: what the
-                        // active made durable (a receipted SEND, a COMMIT) is
-                        // fsynced here before the ack, and a batch it only
-                        // wrote (an unreceipted ACK) is only written here, and
-                        // made durable by the next synced one, as there.
-                        // Numbered as the active numbered it, so a write that
-                        // took its place (a stream that ended but whose
-                        // batches were still on their way, say) gets it
-                        // refused unwritten rather than stored one further on.
-                        let batch = Batch::decode(&bytes).map_err(|e| format!("batch {sequence}: {e}"))?;
-                        in_flight.push_back(store.commit_as(batch, sequence));
-                        expected += 1;
-                    }
-                    Frame::InSync { sequence } => {
-                        insync_target = Some(sequence);
-                        if !told_insync && applied >= sequence {
-                            told_insync = true;
-                            send(&mut tx, &Frame::Ack { sequence: applied }).await?;
-                            let _ = events.send(SinkEvent::InSync).await;
-                        }
-                    }
-                    Frame::SnapshotBegin { sequence } => {
-                        let dir = replica.staging();
-                        if dir.exists() {
-                            std::fs::remove_dir_all(&dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
-                        }
-                        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-                        info!(sequence, "receiving a checkpoint from the active server");
-                        snapshot = Some((dir, sequence));
-                    }
-                    Frame::SnapshotChunk { file, data } => {
-                        let Some((dir, _)) = &snapshot else {
-                            return Err("checkpoint data outside a checkpoint".into());
-                        };
-                        if file.contains('/') || file.starts_with('.') {
-                            return Err(format!("checkpoint file name {file:?} refused"));
-                        }
-                        let path = dir.join(&file);
-                        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)
-                            .map_err(|e| format!("writing {}: {e}", path.display()))?;
-                        f.write_all(&data).map_err(|e| format!("writing {}: {e}", path.display()))?;
-                    }
-                    Frame::SnapshotEnd { sequence } => {
-                        let Some((dir, begun)) = snapshot.take() else {
-                            return Err("checkpoint end without a beginning".into());
-                        };
-                        if begun != sequence {
-                            return Err(format!("checkpoint {begun} ended as {sequence}"));
-                        }
-                        while let Some(done) = in_flight.next().await {
-                            done.map_err(|e| format!("applying a replicated batch: {e}"))?;
-                        }
-                        sync_dir_files(&dir)?;
-                        drop(store);
-                        // Renames, fsyncs and a RocksDB open: off the
-                        // runtime, so heartbeats keep flowing meanwhile.
-                        let installer = replica.clone();
-                        tokio::task::spawn_blocking(move || installer.install(&dir, keep_old))
-                            .await
-                            .map_err(|e| format!("installing the checkpoint: {e}"))??;
-                        store = replica.store();
-                        if store.last_sequence() != sequence {
-                            return Err(format!(
-                                "installed checkpoint holds sequence {}, expected {sequence}",
-                                store.last_sequence()
-                            ));
-                        }
-                        expected = sequence + 1;
-                        applied = sequence;
-                        max_epoch = max_epoch.max(epoch::position(&*store).map_err(|e| e.to_string())?.epoch);
-                        send(&mut tx, &Frame::Ack { sequence }).await?;
-                        let _ = events.send(SinkEvent::SnapshotInstalled { sequence }).await;
-                    }
-                    Frame::Refuse { reason } => return Err(format!("the active refused replication: {reason}")),
-                    other => return Err(format!("unexpected frame from the active: {other:?}")),
+            Frame::SnapshotBegin { sequence } => {
+                let dir = replica.staging();
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir)
+                        .map_err(|e| format!("clearing {}: {e}", dir.display()))?;
                 }
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                info!(sequence, "receiving a checkpoint from the active server");
+                snapshot = Some((dir, sequence));
             }
+            Frame::SnapshotChunk { file, data } => {
+                let Some((dir, _)) = &snapshot else {
+                    return Err("checkpoint data outside a checkpoint".into());
+                };
+                if file.contains('/') || file.starts_with('.') {
+                    return Err(format!("checkpoint file name {file:?} refused"));
+                }
+                let path = dir.join(&file);
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                f.write_all(&data)
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+            Frame::SnapshotEnd { sequence } => {
+                let Some((dir, begun)) = snapshot.take() else {
+                    return Err("checkpoint end without a beginning".into());
+                };
+                if begun != sequence {
+                    return Err(format!("checkpoint {begun} ended as {sequence}"));
+                }
+                sync_dir_files(&dir)?;
+                drop(store);
+                // Renames, fsyncs and a RocksDB open: off the
+                // runtime, so heartbeats keep flowing meanwhile.
+                let installer = replica.clone();
+                tokio::task::spawn_blocking(move || installer.install(&dir, keep_old))
+                    .await
+                    .map_err(|e| format!("installing the checkpoint: {e}"))??;
+                store = replica.store();
+                if store.last_sequence() != sequence {
+                    return Err(format!(
+                        "installed checkpoint holds sequence {}, expected {sequence}",
+                        store.last_sequence()
+                    ));
+                }
+                expected = sequence + 1;
+                applied = sequence;
+                max_epoch =
+                    max_epoch.max(epoch::position(&*store).map_err(|e| e.to_string())?.epoch);
+                send(&mut tx, &Frame::Ack { sequence }).await?;
+                let _ = events.send(SinkEvent::SnapshotInstalled { sequence }).await;
+            }
+            Frame::Refuse { reason } => {
+                return Err(format!("the active refused replication: {reason}"))
+            }
+            other => return Err(format!("unexpected frame from the active: {other:?}")),
         }
         debug!(applied, "replication progress");
-    }
-}
-
-/// The result of applying replicated batch `want`: its sequence, which the
-/// local store must have given it too.
-fn stored_as_sent(done: fmq_store::Result<u64>, want: u64) -> Result<u64, String> {
-    match done {
-        Ok(s) if s == want => Ok(s),
-        Ok(s) => Err(format!("replicated batch {want} was stored as {s}")),
-        Err(e) => Err(format!("applying replicated batch {want}: {e}")),
     }
 }
 

@@ -303,7 +303,7 @@ pub async fn run(
     let mut events: VecDeque<Event> = VecDeque::from([Event::Start]);
     let mut serving: Option<Serving> = None;
     let mut source_task: Option<JoinHandle<()>> = None;
-    let mut sink_task: Option<JoinHandle<()>> = None;
+    let mut sink_task: Option<Follower> = None;
     let mut generation: u64 = 0;
     // Replication streams to the passive that ended before it caught up,
     // in a row.
@@ -679,17 +679,24 @@ fn spawn_source(
     })
 }
 
-/// Stops a catch-up task and waits until it is gone. `abort` alone is not
-/// enough: the task may be inside a poll on another worker thread, handing
-/// the store batches of the stream being given up, and a new subscription
-/// that read the store's position before they land would then be sent the
-/// same batches again (or the broker would start on a store still being
-/// written). Once the task is gone, whatever it handed over is in the
-/// store's queue, which [`replication::follow`] and the broker's start wait
-/// for.
-async fn stop_sink(task: JoinHandle<()>) {
-    task.abort();
-    let _ = task.await;
+/// The passive's side of replication, on a thread of its own: it writes
+/// each group of batches right where it reads them, blocking while the
+/// write and its fsync run (see [`replication::follow`]), so it has its
+/// own runtime, on which nothing else waits.
+struct Follower {
+    /// Dropped or sent: stop.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Ends (with an error) when the thread does.
+    gone: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Stops a catch-up thread and waits until it is gone. It stops between
+/// two groups of batches, never inside one, so once it is gone nothing of
+/// its stream is still being written, and a new subscription reads the
+/// store's position with every batch it handed over already in.
+async fn stop_sink(mut follower: Follower) {
+    drop(follower.stop.take());
+    let _ = (&mut follower.gone).await;
 }
 
 fn spawn_sink(
@@ -698,22 +705,65 @@ fn spawn_sink(
     replica: Arc<LocalReplica>,
     notes: mpsc::Sender<Note>,
     generation: u64,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        // A stopped catch-up may have left a checkpoint install running on a
-        // blocking thread; follow the active only once the store is back.
-        // The handle is dropped at once: a checkpoint this stream installs
-        // must be able to close the store.
-        let opened = replica
-            .rocks_when_open(Duration::from_secs(60))
-            .await
-            .map(drop);
-        let reason = match opened {
-            Err(e) => format!("{e:#}"),
-            Ok(()) => follow_active(&ha, &server_name, replica, &notes, generation).await,
-        };
-        let _ = notes.send(Note::SinkEnded { generation, reason }).await;
-    })
+) -> Follower {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (gone_tx, gone) = tokio::sync::oneshot::channel::<()>();
+    let report = notes.clone();
+    let started = std::thread::Builder::new()
+        .name("fmq-replica".into())
+        .spawn(move || {
+            let _gone = gone_tx;
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let reason = format!("cannot start the replication runtime: {e}");
+                    let _ = notes.blocking_send(Note::SinkEnded { generation, reason });
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let follow = async {
+                    // A stopped catch-up may have left a checkpoint install
+                    // running on a blocking thread; follow the active only
+                    // once the store is back. The handle is dropped at
+                    // once: a checkpoint this stream installs must be able
+                    // to close the store.
+                    let opened = replica
+                        .rocks_when_open(Duration::from_secs(60))
+                        .await
+                        .map(drop);
+                    match opened {
+                        Err(e) => format!("{e:#}"),
+                        Ok(()) => {
+                            follow_active(&ha, &server_name, replica, &notes, generation).await
+                        }
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = stopped => {}
+                    reason = follow => {
+                        let _ = notes.send(Note::SinkEnded { generation, reason }).await;
+                    }
+                }
+            });
+            // A checkpoint install still running goes on by itself, as
+            // the next stream expects (`rocks_when_open`).
+            runtime.shutdown_background();
+        });
+    if let Err(e) = started {
+        let reason = format!("cannot start the replication thread: {e}");
+        tokio::spawn(async move {
+            let _ = report.send(Note::SinkEnded { generation, reason }).await;
+        });
+    }
+    Follower {
+        stop: Some(stop),
+        gone,
+    }
 }
 
 /// Dials the active and follows it until the stream ends; returns why.

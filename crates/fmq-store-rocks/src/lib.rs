@@ -54,7 +54,7 @@ use tracing::{debug, error, info, warn};
 
 pub use options::RocksOptions;
 
-use writer::{CheckpointRequest, CommitRequest, Request, Writer};
+use writer::{CheckpointRequest, CommitRequest, Core, Position, Request, Writer};
 
 /// Name of the lock file inside the store directory. RocksDB has its own
 /// `LOCK` file, but it is taken only once the database opens; ours is taken
@@ -174,6 +174,7 @@ impl Shared {
 /// directory unlocked.
 pub struct RocksStore {
     shared: Arc<Shared>,
+    core: Arc<Core>,
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -233,14 +234,19 @@ impl RocksStore {
         let shared = Arc::new(shared);
 
         let (tx, rx) = mpsc::channel();
-        let writer = Writer {
+        let core = Arc::new(Core {
             shared: Arc::clone(&shared),
-            requests: rx,
-            last_sequence: sequence,
-            first_logged,
+            position: parking_lot::Mutex::new(Position {
+                last_sequence: sequence,
+                first_logged,
+            }),
             log_retention: options.log_retention,
             sync_enabled: options.sync,
             max_group_bytes: options.max_group_bytes,
+        });
+        let writer = Writer {
+            core: Arc::clone(&core),
+            requests: rx,
         };
         let handle = std::thread::Builder::new()
             .name("fmq-store-writer".into())
@@ -260,6 +266,7 @@ impl RocksStore {
             shared,
             requests: Some(tx),
             writer: Some(handle),
+            core,
         })
     }
 
@@ -400,6 +407,18 @@ impl Store for RocksStore {
 
     fn commit_as(&self, batch: Batch, sequence: u64) -> Commit {
         self.submit(batch, Some(sequence))
+    }
+
+    fn commit_group_now(&self, batches: &[(u64, Batch)]) -> Result<u64> {
+        self.shared.check_poisoned()?;
+        if self.requests.is_none() {
+            return Err(Error::Closed);
+        }
+        let mut position = self.core.position.lock();
+        let last = fmq_store::check_group(position.last_sequence, batches)?;
+        let group: Vec<&Batch> = batches.iter().map(|(_, batch)| batch).collect();
+        self.core.write_group(&mut position, &group)?;
+        Ok(last)
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {

@@ -19,11 +19,20 @@
 //! rides along as a range delete, so the log and the data never disagree.
 //! It also takes checkpoints between two groups, which is what makes the
 //! sequence a checkpoint reports exact.
+//!
+//! A caller with a thread of its own may also write a group itself
+//! ([`RocksStore::commit_group_now`](crate::RocksStore::commit_group_now)),
+//! skipping the hand-off to this thread and back. The numbering state
+//! ([`Position`]) is behind a mutex that the writer thread holds from
+//! taking a group's first request until the group is written, and such a
+//! caller for its whole group, so the two never interleave.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use fmq_store::{encode_sequence, Batch, Cf, CommitSender, Error, Op, META_SEQUENCE};
 use rocksdb::{checkpoint::Checkpoint, WriteBatch, WriteOptions};
@@ -74,14 +83,27 @@ pub(crate) struct CheckpointRequest {
     pub(crate) done: Sender<Result<u64, Error>>,
 }
 
-/// What the writer thread needs besides the shared state.
+/// The writer thread: its queue, and what every group writer shares.
 pub(crate) struct Writer {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) core: Arc<Core>,
     pub(crate) requests: Receiver<Request>,
+}
+
+/// Where the store's numbering stands. Whoever writes a group holds it
+/// locked from admitting the group's first batch until the group is
+/// written.
+pub(crate) struct Position {
     /// Sequence of the last batch written; the next batch gets one more.
     pub(crate) last_sequence: u64,
     /// Smallest sequence in the batch log, `last_sequence + 1` when empty.
     pub(crate) first_logged: u64,
+}
+
+/// What writing a group needs: the shared state, the write settings and
+/// the numbering.
+pub(crate) struct Core {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) position: Mutex<Position>,
     /// [`RocksOptions::log_retention`](crate::RocksOptions::log_retention).
     pub(crate) log_retention: u64,
     /// [`RocksOptions::sync`](crate::RocksOptions::sync).
@@ -108,7 +130,8 @@ impl Writer {
     /// Runs until every [`RocksStore`](crate::RocksStore) handle on the
     /// channel is gone and the queue is drained: commits made before the
     /// store was dropped still complete.
-    pub(crate) fn run(mut self) {
+    pub(crate) fn run(self) {
+        let core = &*self.core;
         // A request that would have pushed the previous group over the cap:
         // it opens the next group, ahead of anything still in the channel.
         // A checkpoint request also ends a group, so that it sees exactly
@@ -122,31 +145,34 @@ impl Writer {
                     Err(_) => break,
                 },
             };
+            // Held until this request is done: a group written on another
+            // thread ends before it, or starts after it.
+            let mut position = core.position.lock();
             let first = match first {
-                Request::Commit(request) => match request.admit(self.last_sequence + 1) {
+                Request::Commit(request) => match request.admit(position.last_sequence + 1) {
                     Some(request) => request,
                     None => continue,
                 },
                 Request::Checkpoint(request) => {
-                    self.checkpoint(&request);
+                    core.checkpoint(&position, &request);
                     continue;
                 }
                 Request::Settled(done) => {
-                    done.send(Ok(self.last_sequence));
+                    done.send(Ok(position.last_sequence));
                     continue;
                 }
             };
             let mut bytes = estimated_bytes(&first.batch);
             let mut group = vec![first];
-            while bytes < self.max_group_bytes {
+            while bytes < core.max_group_bytes {
                 match self.requests.try_recv() {
                     Ok(Request::Commit(request)) => {
                         let size = estimated_bytes(&request.batch);
-                        if bytes + size > self.max_group_bytes {
+                        if bytes + size > core.max_group_bytes {
                             carried = Some(Request::Commit(request));
                             break;
                         }
-                        let next = self.last_sequence + 1 + group.len() as u64;
+                        let next = position.last_sequence + 1 + group.len() as u64;
                         if let Some(request) = request.admit(next) {
                             bytes += size;
                             group.push(request);
@@ -159,15 +185,25 @@ impl Writer {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            self.write_group(group);
+            let batches: Vec<&Batch> = group.iter().map(|r| &r.batch).collect();
+            match core.write_group(&mut position, &batches) {
+                Ok(first_sequence) => {
+                    for (sequence, request) in (first_sequence..).zip(group) {
+                        request.done.send(Ok(sequence));
+                    }
+                }
+                Err(err) => fail_all(group, &err),
+            }
         }
         trace!("store writer stopped");
     }
+}
 
+impl Core {
     /// Takes a checkpoint between two groups: everything up to
     /// `last_sequence` is in it and nothing after, because nothing else is
     /// written meanwhile. Commits queue up while it runs.
-    fn checkpoint(&self, request: &CheckpointRequest) {
+    fn checkpoint(&self, position: &Position, request: &CheckpointRequest) {
         let target = &request.target;
         let result = self.shared.check_poisoned().and_then(|()| {
             let checkpoint = Checkpoint::new(&self.shared.db)
@@ -175,7 +211,7 @@ impl Writer {
             checkpoint.create_checkpoint(target).map_err(|e| {
                 crate::error::engine(&format!("checkpoint to {}", target.display()), &e)
             })?;
-            Ok(self.last_sequence)
+            Ok(position.last_sequence)
         });
         if let Ok(sequence) = &result {
             debug!(target = %target.display(), sequence, "checkpoint written");
@@ -190,29 +226,34 @@ impl Writer {
     /// (and the tombstone compaction must clear) comes once per many groups.
     /// Without retention the log is emptied, so it never holds a stale range
     /// with a gap after it.
-    fn first_logged_after(&self, last: u64, retention: u64) -> u64 {
+    fn first_logged_after(position: &Position, last: u64, retention: u64) -> u64 {
         if retention == 0 {
             return last + 1;
         }
-        let logged = last - self.first_logged + 1;
+        let logged = last - position.first_logged + 1;
         let slack = (retention / 8).max(64);
         if logged > retention.saturating_add(slack) {
             last - retention + 1
         } else {
-            self.first_logged
+            position.first_logged
         }
     }
 
-    /// Writes one group atomically and resolves its commits.
-    fn write_group(&mut self, group: Vec<CommitRequest>) {
+    /// Writes `group` atomically as the sequences after
+    /// `position.last_sequence`, and returns the first of them. It is
+    /// written whole or not at all: on an error nothing of it is stored.
+    pub(crate) fn write_group(
+        &self,
+        position: &mut Position,
+        group: &[&Batch],
+    ) -> Result<u64, Error> {
         if let Some(reason) = self.shared.poisoned.get() {
-            fail_all(group, &Error::Poisoned(reason.clone()));
-            return;
+            return Err(Error::Poisoned(reason.clone()));
         }
 
-        let first_sequence = self.last_sequence + 1;
-        let last_sequence = self.last_sequence + group.len() as u64;
-        let want_sync = group.iter().any(|r| r.batch.sync());
+        let first_sequence = position.last_sequence + 1;
+        let last_sequence = position.last_sequence + group.len() as u64;
+        let want_sync = group.iter().any(|b| b.sync());
         let sync = want_sync && self.sync_enabled;
 
         // A paused log keeps nothing (and empties itself), as with no
@@ -222,28 +263,23 @@ impl Writer {
         } else {
             self.log_retention
         };
-        let first_logged = self.first_logged_after(last_sequence, retention);
-        let batch = match self.build(
-            &group,
+        let first_logged = Self::first_logged_after(position, last_sequence, retention);
+        let batch = self.build(
+            position,
+            group,
             first_sequence,
             last_sequence,
             first_logged,
             retention,
-        ) {
-            Ok(batch) => batch,
-            Err(err) => {
-                fail_all(group, &err);
-                return;
-            }
-        };
+        )?;
         let size = batch.size_in_bytes();
 
         let mut write_options = WriteOptions::default();
         write_options.set_sync(sync);
         match self.shared.db.write_opt(batch, &write_options) {
             Ok(()) => {
-                self.last_sequence = last_sequence;
-                self.first_logged = first_logged;
+                position.last_sequence = last_sequence;
+                position.first_logged = first_logged;
                 // Publish before resolving: whoever learns sequence N from
                 // a commit must see last_sequence() >= N. The sequence goes
                 // first, so first_logged() never exceeds last_sequence() + 1.
@@ -271,9 +307,7 @@ impl Writer {
                     last_sequence,
                     "group written"
                 );
-                for (sequence, request) in (first_sequence..).zip(group) {
-                    request.done.send(Ok(sequence));
-                }
+                Ok(first_sequence)
             }
             Err(err) if sync => {
                 // The fsync (or the write before it) failed. The kernel may
@@ -285,7 +319,7 @@ impl Writer {
                 );
                 error!(path = %self.shared.path.display(), "{reason}; store poisoned");
                 self.shared.poison(reason.clone());
-                fail_all(group, &Error::Poisoned(reason));
+                Err(Error::Poisoned(reason))
             }
             Err(err) => {
                 // An unsynced write failed as a whole: nothing of it was
@@ -295,7 +329,7 @@ impl Writer {
                     batches = group.len(),
                     "store write failed: {err}"
                 );
-                fail_all(group, &crate::error::engine("writing batch", &err));
+                Err(crate::error::engine("writing batch", &err))
             }
         }
     }
@@ -309,15 +343,16 @@ impl Writer {
     /// range-deleted.
     fn build(
         &self,
-        group: &[CommitRequest],
+        position: &Position,
+        group: &[&Batch],
         first_sequence: u64,
         last_sequence: u64,
         first_logged: u64,
         retention: u64,
     ) -> Result<WriteBatch, Error> {
         let mut batch = WriteBatch::default();
-        for request in group {
-            for op in request.batch.ops() {
+        for part in group {
+            for op in part.ops() {
                 match op {
                     Op::Put { cf, key, value } => {
                         batch.put_cf(self.shared.handle(*cf)?, key, value);
@@ -331,18 +366,18 @@ impl Writer {
         // Entries logged by earlier groups that fall out of the log. This
         // group's own batches below `first_logged` are simply not logged.
         let pruned_end = first_logged.min(first_sequence);
-        if self.first_logged < pruned_end {
+        if position.first_logged < pruned_end {
             batch.delete_range_cf(
                 self.shared.handle(Cf::Log)?,
-                encode_sequence(self.first_logged),
+                encode_sequence(position.first_logged),
                 encode_sequence(pruned_end),
             );
         }
         if retention > 0 {
             let log = self.shared.handle(Cf::Log)?;
-            for (sequence, request) in (first_sequence..).zip(group) {
+            for (sequence, logged) in (first_sequence..).zip(group) {
                 if sequence >= first_logged {
-                    batch.put_cf(log, encode_sequence(sequence), request.batch.encode());
+                    batch.put_cf(log, encode_sequence(sequence), logged.encode());
                 }
             }
         }

@@ -70,6 +70,28 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// hold a batch under another number than its source gave it.
     fn commit_as(&self, batch: Batch, sequence: u64) -> Commit;
 
+    /// Writes `batches`, each under the sequence it comes with, as one
+    /// atomic group on the calling thread, and returns the last sequence
+    /// once the group is applied (and synced, if any batch asks). The
+    /// sequences must run on from [`last_sequence`](Store::last_sequence)
+    /// without a gap; otherwise it fails with [`Error::OutOfOrder`] and
+    /// writes nothing. `batches` must not be empty.
+    ///
+    /// It blocks for the whole write, fsync included: it is for a caller
+    /// with a thread of its own that writes in bulk (a passive server
+    /// applying replicated batches), which so skips the hand-off to the
+    /// store's writer and back. Commits queued before the call may be
+    /// written before or after the group, never inside it.
+    ///
+    /// The default refuses: a store that wraps another, and must see every
+    /// batch go through its own numbering, cannot write around it.
+    fn commit_group_now(&self, batches: &[(u64, Batch)]) -> Result<u64> {
+        let _ = batches;
+        Err(Error::Io(format!(
+            "{self:?} cannot write a group on the calling thread"
+        )))
+    }
+
     /// Reads one key.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
@@ -188,6 +210,28 @@ impl CommitSender {
     pub fn send(self, result: Result<u64>) {
         let _ = self.0.send(result);
     }
+}
+
+/// Checks that `batches` run on from `last` without a gap, as
+/// [`Store::commit_group_now`] needs, and returns the last of them.
+///
+/// # Errors
+///
+/// [`Error::OutOfOrder`] for the first batch numbered otherwise, and for
+/// an empty group.
+pub fn check_group(last: u64, batches: &[(u64, Batch)]) -> Result<u64> {
+    if batches.is_empty() {
+        return Err(Error::Io("an empty group of batches to write".into()));
+    }
+    for (next, (wanted, _)) in (last + 1..).zip(batches) {
+        if *wanted != next {
+            return Err(Error::OutOfOrder {
+                wanted: *wanted,
+                next,
+            });
+        }
+    }
+    Ok(last + batches.len() as u64)
 }
 
 /// Encodes a sequence number the way stores keep it under [`META_SEQUENCE`],

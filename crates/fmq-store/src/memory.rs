@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use parking_lot::Mutex;
 
 use crate::{
-    encode_sequence, Batch, Cf, Commit, Error, LoggedBatch, Op, Result, Store, META_SEQUENCE,
+    check_group, encode_sequence, Batch, Cf, Commit, Error, LoggedBatch, Op, Result, Store,
+    META_SEQUENCE,
 };
 
 /// A [`Store`] that keeps everything in memory. Batches apply at once, so a
@@ -59,29 +60,7 @@ impl MemoryStore {
         if let Some(wanted) = wanted.filter(|w| *w != seq) {
             return Commit::ready(Err(Error::OutOfOrder { wanted, next: seq }));
         }
-        inner.sequence = seq;
-        for op in batch.ops() {
-            match op {
-                Op::Put { cf, key, value } => {
-                    inner
-                        .families
-                        .entry(*cf)
-                        .or_default()
-                        .insert(key.clone(), value.clone());
-                }
-                Op::Delete { cf, key } => {
-                    if let Some(family) = inner.families.get_mut(cf) {
-                        family.remove(key);
-                    }
-                }
-            }
-        }
-        inner
-            .families
-            .entry(Cf::Meta)
-            .or_default()
-            .insert(META_SEQUENCE.to_vec(), encode_sequence(seq).to_vec());
-        inner.log_batch(seq, &batch);
+        inner.apply(&batch, seq);
         Commit::ready(Ok(seq))
     }
 }
@@ -93,6 +72,31 @@ impl Default for MemoryStore {
 }
 
 impl Inner {
+    /// Applies `batch` as sequence `seq`, the next one.
+    fn apply(&mut self, batch: &Batch, seq: u64) {
+        self.sequence = seq;
+        for op in batch.ops() {
+            match op {
+                Op::Put { cf, key, value } => {
+                    self.families
+                        .entry(*cf)
+                        .or_default()
+                        .insert(key.clone(), value.clone());
+                }
+                Op::Delete { cf, key } => {
+                    if let Some(family) = self.families.get_mut(cf) {
+                        family.remove(key);
+                    }
+                }
+            }
+        }
+        self.families
+            .entry(Cf::Meta)
+            .or_default()
+            .insert(META_SEQUENCE.to_vec(), encode_sequence(seq).to_vec());
+        self.log_batch(seq, batch);
+    }
+
     fn log_batch(&mut self, seq: u64, batch: &Batch) {
         if self.retention == 0 {
             self.first_logged = seq + 1;
@@ -118,6 +122,15 @@ impl Store for MemoryStore {
 
     fn commit_as(&self, batch: Batch, sequence: u64) -> Commit {
         self.apply(batch, Some(sequence))
+    }
+
+    fn commit_group_now(&self, batches: &[(u64, Batch)]) -> Result<u64> {
+        let mut inner = self.inner.lock();
+        let last = check_group(inner.sequence, batches)?;
+        for (seq, batch) in batches {
+            inner.apply(batch, *seq);
+        }
+        Ok(last)
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
