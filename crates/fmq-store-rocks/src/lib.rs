@@ -8,7 +8,9 @@
 //!   stored sequence always names the last batch on disk;
 //! - group commit: a single writer thread merges all batches queued while
 //!   the previous write was in progress into one `WriteBatch` and one fsync
-//!   (see the `writer` module);
+//!   (see the `writer` module); a caller with a thread of its own may write
+//!   a group itself, in turn with that thread
+//!   ([`Store::commit_group_now`](fmq_store::Store::commit_group_now));
 //! - optionally a batch log ([`Cf::Log`], see
 //!   [`RocksOptions::log_retention`]) written in the same `WriteBatch` as the
 //!   group, for a passive server's catch-up;
