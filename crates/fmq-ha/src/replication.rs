@@ -328,6 +328,22 @@ async fn send(
         .map_err(|e| format!("replication connection: write failed: {e}"))
 }
 
+/// Tells the peer why this side ends the stream (as far as the connection
+/// still takes it), and ends it with that reason.
+async fn refuse<T>(
+    wire: &mut (impl SinkExt<Bytes, Error = std::io::Error> + Unpin),
+    reason: String,
+) -> Result<T, String> {
+    let _ = send(
+        wire,
+        &Frame::Refuse {
+            reason: reason.clone(),
+        },
+    )
+    .await;
+    Err(reason)
+}
+
 async fn receive(
     wire: &mut (impl StreamExt<Item = std::io::Result<BytesMut>> + Unpin),
 ) -> Result<Frame, String> {
@@ -787,14 +803,7 @@ async fn serve_inner(
             "the passive has seen epoch {} and this server serves epoch {epoch}: this server's epoch is stale",
             position.epoch
         );
-        let _ = send(
-            &mut tx,
-            &Frame::Refuse {
-                reason: reason.clone(),
-            },
-        )
-        .await;
-        return Err(reason);
+        return refuse(&mut tx, reason).await;
     }
     let ours =
         epoch::history(&*source.store).map_err(|e| format!("reading the epoch history: {e}"))?;
@@ -1105,14 +1114,7 @@ async fn follow_inner(
             "replication from epoch {epoch} rejected: this server's history is at epoch {}, which is newer",
             position.epoch
         );
-        let _ = send(
-            &mut wire,
-            &Frame::Refuse {
-                reason: reason.clone(),
-            },
-        )
-        .await;
-        return Err(reason);
+        return refuse(&mut wire, reason).await;
     }
     info!(
         epoch,
@@ -1253,17 +1255,10 @@ async fn follow_inner(
                         let _ = events.send(SinkEvent::Progress { applied, rate }).await;
                     }
                 }
-                if let Some((reason, refuse)) = failed {
-                    if refuse {
-                        let _ = send(
-                            &mut tx,
-                            &Frame::Refuse {
-                                reason: reason.clone(),
-                            },
-                        )
-                        .await;
-                    }
-                    return Err(reason);
+                match failed {
+                    Some((reason, true)) => return refuse(&mut tx, reason).await,
+                    Some((reason, false)) => return Err(reason),
+                    None => {}
                 }
             }
             Frame::InSync { sequence } => {
