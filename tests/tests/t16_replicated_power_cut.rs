@@ -142,8 +142,10 @@ fn load() -> Workload {
 }
 
 /// A powered pair under load: the producers started on the active and
-/// [`RECEIPTS`] receipts in.
+/// [`RECEIPTS`] receipts in, and the seed of the test's power cuts
+/// (printed, for a replay).
 struct Loaded {
+    seed: u64,
     powered: PoweredPair,
     active: usize,
     passive: usize,
@@ -163,7 +165,10 @@ async fn loaded_pair(ha: &[(&'static str, &str)]) -> Result<Loaded> {
     let live = Arc::new(Mutex::new(Vec::new()));
     let producers = Producers::start(PRODUCERS, load(), addrs, active, &stop, &live);
     wait_receipts(&powered.pair, &live, RECEIPTS).await?;
+    let seed = seed();
+    println!("{SEED_VAR}={seed}");
     Ok(Loaded {
+        seed,
         powered,
         active,
         passive,
@@ -176,6 +181,7 @@ async fn loaded_pair(ha: &[(&'static str, &str)]) -> Result<Loaded> {
 async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
     let _serial = SERIAL.lock().await;
     let Loaded {
+        seed,
         mut powered,
         active,
         passive,
@@ -187,8 +193,6 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
     // Both disks at once (the active's first: from then on it can receipt
     // nothing more). A RECEIPT that arrives after the cut was for a batch
     // both servers synced before it, so every receipt counts.
-    let seed = seed();
-    println!("{SEED_VAR}={seed}");
     let images = [
         powered.cut_power(active, seed)?,
         powered.cut_power(passive, seed + 1)?,
@@ -224,6 +228,7 @@ async fn power_cut_of_both(survivor: Survivor) -> Result<()> {
 async fn power_cut_of_the_active() -> Result<()> {
     let _serial = SERIAL.lock().await;
     let Loaded {
+        seed,
         mut powered,
         active,
         passive,
@@ -232,8 +237,6 @@ async fn power_cut_of_the_active() -> Result<()> {
         producers,
     } = loaded_pair(&[("replication_log_batches", &LOG_BATCHES.to_string())]).await?;
 
-    let seed = seed();
-    println!("{SEED_VAR}={seed}");
     let image = powered.cut_power(active, seed)?;
     let at_cut = receipts(&live);
     let cut_at = Instant::now();

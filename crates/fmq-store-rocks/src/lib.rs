@@ -413,9 +413,6 @@ impl Store for RocksStore {
 
     fn commit_group_now(&self, batches: &[(u64, Batch)]) -> Result<u64> {
         self.shared.check_poisoned()?;
-        if self.requests.is_none() {
-            return Err(Error::Closed);
-        }
         let mut position = self.core.position.lock();
         let last = fmq_store::check_group(position.last_sequence, batches)?;
         let group: Vec<&Batch> = batches.iter().map(|(_, batch)| batch).collect();
