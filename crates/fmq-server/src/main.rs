@@ -247,23 +247,39 @@ fn main() {
     // `fmq fscheck` re-runs this binary as its lock-holder process.
     fmq_ha::fscheck::dispatch_holder();
     let cli = Cli::parse_from(rewrite_args(std::env::args()));
-    let code = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => match rt.block_on(dispatch(cli)) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("fmq: {e:#}");
-                1
-            }
-        },
+    let code = match serve_or_run(cli) {
+        Ok(()) => 0,
         Err(e) => {
-            eprintln!("fmq: cannot start the runtime: {e}");
+            eprintln!("fmq: {e:#}");
             1
         }
     };
     std::process::exit(code);
+}
+
+/// Runs the command on a runtime sized for it. A server's profile is read
+/// first, since it sets how many worker threads the server gets; every
+/// other command is a short client or the gateway, for which the runtime's
+/// default does.
+fn serve_or_run(cli: Cli) -> Result<()> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let serve = match (&cli.command, &cli.profile) {
+        (None | Some(Cmd::Run), Some(name)) => {
+            let profile = profile::Profile::load(&profile::locate(name)?)?;
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            builder.worker_threads(profile.file.server.workers(cores));
+            Some(profile)
+        }
+        _ => None,
+    };
+    let rt = builder
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+    match serve {
+        Some(profile) => rt.block_on(run::run(profile, cli.db_path)),
+        None => rt.block_on(dispatch(cli)),
+    }
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
@@ -274,11 +290,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
         args,
     };
     match cli.command {
+        // With a profile, `serve_or_run` has started the server instead.
         None | Some(Cmd::Run) => {
-            let Some(profile) = cli.profile else {
-                bail!("no profile given: run `fmq -profile FerroMQ` (see `fmq --help`)");
-            };
-            run::run(&profile, cli.db_path).await
+            bail!("no profile given: run `fmq -profile FerroMQ` (see `fmq --help`)")
         }
         Some(Cmd::Status { target, json }) => {
             let req = Request {

@@ -48,12 +48,38 @@ pub struct ProfileFile {
 pub struct ServerSection {
     /// Server name, shown in CONNECTED and `fmq status`.
     pub name: String,
+    /// Threads that run client connections, the broker and the HA links;
+    /// 0 (the default) picks a number from the machine's cores (see
+    /// [`ServerSection::workers`]).
+    pub worker_threads: usize,
 }
+
+/// Most `server.worker_threads` accepted.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             name: "FerroMQ".into(),
+            worker_threads: 0,
+        }
+    }
+}
+
+impl ServerSection {
+    /// The number of worker threads to run, given the cores this process
+    /// may use: `worker_threads`, or when it is 0 one fewer than the cores
+    /// (at least one). The core left over is for the threads beside the
+    /// workers, which every commit passes through: the store's writer
+    /// (which also waits out each fsync), RocksDB's flush and compaction,
+    /// and on a passive server the replica writer. On a 2-core machine one
+    /// worker served a single receipted producer a fifth faster than two
+    /// (the replicated pair 4%), other loads within the noise
+    /// (`docs/configuration.md`).
+    pub fn workers(&self, cores: usize) -> usize {
+        match self.worker_threads {
+            0 => cores.saturating_sub(1).max(1),
+            n => n,
         }
     }
 }
@@ -320,6 +346,12 @@ pub fn parse(text: &str) -> Result<ProfileFile> {
     let file: ProfileFile =
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))?;
     let key = |k: &str, problem: String| anyhow::anyhow!("key `{k}`: {problem}");
+    if file.server.worker_threads > MAX_WORKER_THREADS {
+        return Err(key(
+            "server.worker_threads",
+            format!("must be 0 (automatic) to {MAX_WORKER_THREADS}"),
+        ));
+    }
     let n = &file.network;
     for (k, v) in [
         ("network.bind_address", &n.bind_address),
@@ -426,6 +458,18 @@ mod tests {
         assert_eq!(f.network.port, 1856);
         assert_eq!(f.network.admin_port, 1858);
         assert!(f.security.authentication);
+        assert_eq!(f.server.worker_threads, 0);
+    }
+
+    #[test]
+    fn worker_threads_leave_a_core_to_the_store_unless_set() {
+        let auto = ServerSection::default();
+        assert_eq!(auto.workers(1), 1);
+        assert_eq!(auto.workers(2), 1);
+        assert_eq!(auto.workers(8), 7);
+        let set = parse("[server]\nworker_threads = 3\n").expect("valid");
+        assert_eq!(set.server.workers(2), 3);
+        assert_eq!(set.server.workers(64), 3);
     }
 
     #[test]
@@ -440,6 +484,8 @@ mod tests {
             ),
             ("[network]\nport = 5\nadmin_port = 5\n", "must differ"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
+            ("[server]\nworker_threads = 5000\n", "server.worker_threads"),
+            ("[server]\nworker_threads = -1\n", "worker_threads"),
             ("[broker]\ndead_letter_queue = \"\"\n", "dead_letter_queue"),
             ("[store]\nsync = 3\n", "sync"),
             (

@@ -15,7 +15,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::admin::{self, ServerInfo};
-use crate::profile::{self, Profile};
+use crate::profile::Profile;
 
 fn init_logging(profile: &Profile) -> Result<Option<tracing_appender::non_blocking::WorkerGuard>> {
     let level = profile.file.log.level.clone();
@@ -139,10 +139,14 @@ pub async fn start_broker(
     Ok((broker, store))
 }
 
-pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()> {
-    let dir = profile::locate(profile_name)?;
-    let profile = Profile::load(&dir)?;
+/// Runs the server of a loaded profile until it is told to stop.
+pub async fn run(profile: Profile, db_override: Option<PathBuf>) -> Result<()> {
     let _guard = init_logging(&profile)?;
+    tracing::info!(
+        "worker threads: {} (server.worker_threads = {}; 0 is one fewer than the cores)",
+        tokio::runtime::Handle::current().metrics().num_workers(),
+        profile.file.server.worker_threads
+    );
     let net = &profile.file.network;
     let client_addr: SocketAddr = format!("{}:{}", net.bind_address, net.port)
         .parse()
@@ -183,7 +187,7 @@ pub async fn run(profile_name: &str, db_override: Option<PathBuf>) -> Result<()>
     tracing::info!(
         "FerroMQ server '{}' started on profile {}: STOMP on {client_addr}, admin on {admin_addr}, store {} (sequence {})",
         profile.file.server.name,
-        dir.display(),
+        profile.dir.display(),
         db_path.display(),
         store.last_sequence()
     );
