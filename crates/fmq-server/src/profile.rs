@@ -49,8 +49,7 @@ pub struct ServerSection {
     /// Server name, shown in CONNECTED and `fmq status`.
     pub name: String,
     /// Threads that run client connections, the broker and the HA links;
-    /// 0 (the default) picks a number from the machine's cores (see
-    /// [`ServerSection::workers`]).
+    /// 0 (the default) is one per core (see [`ServerSection::workers`]).
     pub worker_threads: usize,
 }
 
@@ -68,17 +67,14 @@ impl Default for ServerSection {
 
 impl ServerSection {
     /// The number of worker threads to run, given the cores this process
-    /// may use: `worker_threads`, or when it is 0 one fewer than the cores
-    /// (at least one). The core left over is for the threads beside the
-    /// workers, which every commit passes through: the store's writer
-    /// (which also waits out each fsync), RocksDB's flush and compaction,
-    /// and on a passive server the replica writer. On a 2-core machine one
-    /// worker served a single receipted producer a fifth faster than two
-    /// (the replicated pair 4%), other loads within the noise
-    /// (`docs/configuration.md`).
+    /// may use: `worker_threads`, or when it is 0 one per core. Fewer
+    /// workers trade throughput for latency: on a 2-core machine one
+    /// worker served a single producer that waits for each RECEIPT about a
+    /// quarter faster than two, and many producers or unreceipted sends up
+    /// to a tenth slower (`docs/configuration.md`).
     pub fn workers(&self, cores: usize) -> usize {
         match self.worker_threads {
-            0 => cores.saturating_sub(1).max(1),
+            0 => cores.max(1),
             n => n,
         }
     }
@@ -462,11 +458,11 @@ mod tests {
     }
 
     #[test]
-    fn worker_threads_leave_a_core_to_the_store_unless_set() {
+    fn worker_threads_are_one_per_core_unless_set() {
         let auto = ServerSection::default();
-        assert_eq!(auto.workers(1), 1);
-        assert_eq!(auto.workers(2), 1);
-        assert_eq!(auto.workers(8), 7);
+        assert_eq!(auto.workers(0), 1);
+        assert_eq!(auto.workers(2), 2);
+        assert_eq!(auto.workers(8), 8);
         let set = parse("[server]\nworker_threads = 3\n").expect("valid");
         assert_eq!(set.server.workers(2), 3);
         assert_eq!(set.server.workers(64), 3);

@@ -143,7 +143,7 @@ pub async fn start_broker(
 pub async fn run(profile: Profile, db_override: Option<PathBuf>) -> Result<()> {
     let _guard = init_logging(&profile)?;
     tracing::info!(
-        "worker threads: {} (server.worker_threads = {}; 0 is one fewer than the cores)",
+        "worker threads: {} (server.worker_threads = {}; 0 is one per core)",
         tokio::runtime::Handle::current().metrics().num_workers(),
         profile.file.server.worker_threads
     );
