@@ -162,3 +162,29 @@ fn status_and_shutdown_of_a_live_server() {
         .expect("server exits after fmq shutdown");
     assert!(status.success(), "exit after shutdown: {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_size_the_runtime_and_out_of_range_is_refused() -> Result<()> {
+    let mut profile = TempProfile::new();
+    profile.set("server", "worker_threads", "3");
+    let server = Server::start(profile)?;
+    // The line reports the runtime's own count, not the setting.
+    let log = server.log_tail(200);
+    assert!(
+        log.contains("worker threads: 3 (server.worker_threads = 3"),
+        "the server should run and report 3 worker threads:\n{log}"
+    );
+    let mut c = Stomp::connect(server.addr(), "admin", "passwd").await?;
+    c.publish("/queue/t03.workers", b"served", &[("persistent", "true")])
+        .await?;
+    c.disconnect().await?;
+
+    let mut bad = TempProfile::new();
+    bad.set("server", "worker_threads", "5000");
+    let out = start_must_fail(&bad, &bad.db(), "bad-workers");
+    assert!(
+        out.contains("server.worker_threads") && out.contains("1024"),
+        "should name the key and its range:\n{out}"
+    );
+    Ok(())
+}
