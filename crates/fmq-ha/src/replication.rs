@@ -1162,11 +1162,7 @@ async fn follow_inner(
             None => receive(&mut rx).await?,
         };
         match frame {
-            Frame::Batch {
-                epoch: e,
-                sequence,
-                bytes,
-            } => {
+            received @ Frame::Batch { .. } => {
                 // The group: this batch and every whole frame already
                 // here, read without waiting. What arrives while it is
                 // written forms the next one, so under load each write
@@ -1177,11 +1173,7 @@ async fn follow_inner(
                 // the active with a Refuse: the batches before a bad frame
                 // are still written and acked.
                 let mut failed: Option<(String, bool)> = None;
-                let mut next = Some(Frame::Batch {
-                    epoch: e,
-                    sequence,
-                    bytes,
-                });
+                let mut next = Some(received);
                 while let Some(frame) = next.take() {
                     let Frame::Batch {
                         epoch: e,

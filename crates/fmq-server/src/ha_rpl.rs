@@ -685,7 +685,7 @@ fn spawn_source(
 /// own runtime, on which nothing else waits.
 struct Follower {
     /// Dropped or sent: stop.
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
     /// Ends (with an error) when the thread does.
     gone: tokio::sync::oneshot::Receiver<()>,
 }
@@ -694,9 +694,10 @@ struct Follower {
 /// two groups of batches, never inside one, so once it is gone nothing of
 /// its stream is still being written, and a new subscription reads the
 /// store's position with every batch it handed over already in.
-async fn stop_sink(mut follower: Follower) {
-    drop(follower.stop.take());
-    let _ = (&mut follower.gone).await;
+async fn stop_sink(follower: Follower) {
+    let Follower { stop, gone } = follower;
+    drop(stop);
+    let _ = gone.await;
 }
 
 fn spawn_sink(
@@ -760,10 +761,7 @@ fn spawn_sink(
             let _ = report.send(Note::SinkEnded { generation, reason }).await;
         });
     }
-    Follower {
-        stop: Some(stop),
-        gone,
-    }
+    Follower { stop, gone }
 }
 
 /// Dials the active and follows it until the stream ends; returns why.

@@ -526,12 +526,8 @@ fn groups_and_queued_commits_never_share_a_number() {
             let mut refused = 0;
             while written.len() < 300 {
                 let first = store.last_sequence() + 1;
-                let group: Vec<(u64, Batch)> = (first..first + 3)
-                    .map(|s| {
-                        let key = format!("group-{}", written.len() + (s - first) as usize);
-                        (s, put(Cf::Messages, &key, "x", true))
-                    })
-                    .collect();
+                // Keyed by sequence: a number is written once, so no key twice.
+                let group = numbered(first, 3, |_| true);
                 match store.commit_group_now(&group) {
                     Ok(last) => {
                         assert_eq!(last, first + 2);
