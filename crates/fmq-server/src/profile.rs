@@ -67,11 +67,8 @@ impl Default for ServerSection {
 
 impl ServerSection {
     /// The number of worker threads to run, given the cores this process
-    /// may use: `worker_threads`, or when it is 0 one per core. Fewer
-    /// workers trade throughput for latency: on a 2-core machine one
-    /// worker served a single producer that waits for each RECEIPT about a
-    /// quarter faster than two, and many producers or unreceipted sends up
-    /// to a tenth slower (`docs/configuration.md`).
+    /// may use: `worker_threads`, or when it is 0 one per core. The
+    /// trade-off, measured, is in `docs/configuration.md`.
     pub fn workers(&self, cores: usize) -> usize {
         match self.worker_threads {
             0 => cores.max(1),
